@@ -1,0 +1,389 @@
+"""The recipe schema: one definition, used by the launcher to validate and the adapter to run.
+
+Key names follow SageMaker HyperPod v1 recipes (``run``, ``trainer``, ``exp_manager``,
+``model``) where the meaning is the same; our additions (data formats, packing, export)
+live beside them. Importing this module must stay cheap: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from adapter.schema import bounded, load, nested, to_dict
+
+Precision = Literal["32", "bf16", "16"]
+ShardingStrategy = Literal["full_shard", "hybrid_shard", "shard_grad_op", "no_shard"]
+PeftType = Literal[None, "lora", "qlora_4bit", "prefix_tuning", "p_tuning", "prompt_tuning"]
+DatasetType = Literal["prompt_response", "alpaca", "chat", "chatglm", "hf", "text"]
+SchedName = Literal["cosine", "linear", "constant"]
+
+DURATION = re.compile(r"^\s*(\d+)\s*(ep|ba)\s*$")
+
+MPT_PROMPT_TEMPLATE = (
+    "Write a response that appropriately answers the question below.\n"
+    "### Question:\n{prompt}\n\n### Response:\n"
+)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "run"
+    """Run name: the results directory is ``<base_results_dir>/<name>``."""
+    time_limit: str = "6-00:00:00"
+    """Wall-clock limit in Slurm format ``[D-]HH:MM:SS`` (also SageMaker ``max_run``)."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            problems.append(
+                ("name", f"got {self.name!r}; use letters, digits, '-', '_' and '.' only")
+            )
+        if parse_time_limit(self.time_limit) is None:
+            problems.append(
+                ("time_limit", f"got {self.time_limit!r}; expected [D-]HH:MM:SS, e.g. 1-12:00:00")
+            )
+        return problems
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    devices: int = bounded(1, ge=1)
+    """Processes (GPUs, or CPU ranks) per node: torchrun's ``--nproc_per_node``."""
+    num_nodes: int = bounded(1, ge=1)
+    """Number of nodes (instances, pods)."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Device kind; ``auto`` uses CUDA when available, else CPU (gloo)."""
+    precision: Precision = "bf16"
+    """``32`` (fp32), ``bf16`` (bf16 params, fp32 reduce) or ``16`` (fp16 with loss scaling)."""
+    max_steps: int = bounded(-1, ge=-1)
+    """Optimizer steps to train for; -1 = run ``max_epochs`` epochs."""
+    max_epochs: int | None = bounded(None, ge=1)
+    """Epochs to train for when ``max_steps`` is -1."""
+    val_check_interval: int | str = 0
+    """Evaluate every N optimizer steps, or a duration (``1ep``, ``500ba``); 0 = end only."""
+    limit_val_batches: int = bounded(0, ge=0)
+    """Evaluate on at most this many micro-batches per rank; 0 = the whole validation set."""
+    log_every_n_steps: int = bounded(10, ge=1)
+    """Print/record metrics every N optimizer steps."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.max_steps == -1 and self.max_epochs is None:
+            problems.append(("max_steps", "set trainer.max_steps or trainer.max_epochs"))
+        if isinstance(self.val_check_interval, str) and not DURATION.match(self.val_check_interval):
+            problems.append(
+                (
+                    "val_check_interval",
+                    f"got {self.val_check_interval!r}; use steps (int) or a duration "
+                    "such as '1ep' (epochs) or '500ba' (batches)",
+                )
+            )
+        if isinstance(self.val_check_interval, int) and self.val_check_interval < 0:
+            problems.append(("val_check_interval", "must be ≥ 0"))
+        return problems
+
+
+@dataclass(kw_only=True)
+class CheckpointCallbackParams:
+    every_n_train_steps: int = bounded(0, ge=0)
+    """Save a sharded checkpoint every N optimizer steps; 0 = only at the end (``save_last``)."""
+    save_top_k: int = bounded(3, ge=-1)
+    """Keep the newest k complete checkpoints; -1 keeps all."""
+    save_last: bool = True
+    """Save a checkpoint when training ends."""
+
+
+@dataclass(kw_only=True)
+class ExportFullModel:
+    every_n_train_steps: int = bounded(0, ge=0)
+    """Also export a Hugging Face model every N steps (0 = off)."""
+    save_last: bool = True
+    """Export the final Hugging Face model (``<exp_dir>/hf_model``; SageMaker: /opt/ml/model)."""
+    dtype: Literal[None, "fp32", "bf16", "fp16"] = None
+    """Weight dtype of the export; null = the training precision."""
+    merge_peft: bool = False
+    """For PEFT runs also write the merged full model (adapter weights folded in)."""
+    output_dir: str | None = None
+    """Where the final export goes; null = ``<exp_dir>/hf_model``."""
+
+
+@dataclass(kw_only=True)
+class ExpManagerConfig:
+    exp_dir: str | None = None
+    """Experiment directory; null = the launch's results dir ``<base_results_dir>/<run.name>``."""
+    checkpoint_dir: str | None = None
+    """Checkpoint root; null = ``<exp_dir>/checkpoints``."""
+    auto_resume: bool = True
+    """Resume from the newest complete checkpoint in ``checkpoint_dir`` if there is one."""
+    resume_from_checkpoint: str | None = None
+    """Resume from this checkpoint directory (overrides ``auto_resume``)."""
+    async_checkpointing: bool = True
+    """Write checkpoints in the background while training continues."""
+    create_tensorboard_logger: bool = False
+    """Write TensorBoard events to ``<exp_dir>/tensorboard``."""
+    checkpoint_callback_params: CheckpointCallbackParams = nested(CheckpointCallbackParams)
+    """When to save sharded checkpoints and how many to keep."""
+    export_full_model: ExportFullModel = nested(ExportFullModel)
+    """Hugging Face export of the trained model."""
+
+
+@dataclass(kw_only=True)
+class SchedConfig:
+    name: SchedName = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int | None = bounded(None, ge=0)
+    """Linear warmup steps; null = ``warmup_ratio`` of the total steps."""
+    warmup_ratio: float = bounded(0.0, ge=0.0, le=1.0)
+    """Warmup as a fraction of total steps when ``warmup_steps`` is null."""
+    min_lr: float = bounded(0.0, ge=0.0)
+    """Learning rate at the end of the cosine/linear decay."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    """Optimizer (AdamW; fused/foreach implementation chosen for the device)."""
+    lr: float = bounded(1e-4, gt=0.0)
+    """Peak learning rate."""
+    weight_decay: float = bounded(0.0, ge=0.0)
+    """Decoupled weight decay."""
+    betas: list[float] = bounded([0.9, 0.95])
+    """AdamW betas."""
+    eps: float = bounded(1e-8, gt=0.0)
+    """AdamW epsilon."""
+    sched: SchedConfig = nested(SchedConfig)
+    """Learning-rate schedule."""
+
+    def check(self) -> list[tuple[str, str]]:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            return [("betas", f"got {self.betas}; expected two values in [0, 1), e.g. [0.9, 0.95]")]
+        return []
+
+
+@dataclass(kw_only=True)
+class PeftConfig:
+    peft_type: PeftType = None
+    """Parameter-efficient method; null = full fine-tuning."""
+    rank: int = bounded(8, ge=1)
+    """LoRA rank."""
+    alpha: float = bounded(16.0, gt=0.0)
+    """LoRA alpha (scaling = alpha / rank)."""
+    dropout: float = bounded(0.05, ge=0.0, lt=1.0)
+    """LoRA dropout."""
+    target_modules: list[str] | None = None
+    """Modules LoRA adapts; null = all linear layers except the output head."""
+    num_virtual_tokens: int = bounded(20, ge=1)
+    """Virtual tokens for prefix / p-tuning / prompt tuning."""
+    encoder_hidden_size: int | None = bounded(None, ge=1)
+    """Hidden size of the p-tuning prompt encoder; null = the model's hidden size."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset_type: DatasetType = "prompt_response"
+    """Format of the files in ``train_dir`` / ``val_dir``."""
+    train_dir: str | None = None
+    """Training data: a file or a directory of files (SageMaker: the channel dir)."""
+    val_dir: str | None = None
+    """Validation data; null = no eval, or ``val_split`` of the training data."""
+    val_split: float = bounded(0.0, ge=0.0, lt=1.0)
+    """Fraction of the training data held out for eval when ``val_dir`` is null."""
+    prompt_template: str | None = None
+    """Template with ``{prompt}`` for prompt_response (default: the MPT question/response one)."""
+    train_on_prompt: bool = False
+    """Compute the loss on prompt tokens too (default: response tokens only)."""
+    packing: bool = False
+    """Pack several samples per sequence (attention and positions confined to each sample)."""
+    skip_bad_rows: bool = False
+    """Skip malformed rows (counted in the log) instead of failing before training."""
+    synthetic: Literal[None, "arithmetic"] = None
+    """Generate a deterministic demo dataset instead of reading ``train_dir`` (tiny demos)."""
+    num_synthetic_samples: int = bounded(4000, ge=10)
+    """Rows the synthetic generator makes (a tenth more are made for validation)."""
+    num_workers: int = bounded(0, ge=0)
+    """DataLoader worker processes per rank."""
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.synthetic is None and self.train_dir is None:
+            return [("train_dir", "is required (a file or directory), or set model.data.synthetic")]
+        if self.synthetic is not None and self.train_dir is not None:
+            return [("synthetic", "can't provide both train_dir and synthetic. Choose one.")]
+        return []
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    model_type: str = "llama"
+    """Model family (llama, mistral, mixtral, qwen2, mpt, gpt2, glm, chatglm)."""
+    hf_model_name_or_path: str | None = None
+    """Pretrained weights: hub id or local dir. Null = random init from the keys below."""
+    tokenizer_name_or_path: str | None = None
+    """Tokenizer; null = the model's, or one trained on the training text for random-init models."""
+    trust_remote_code: bool = False
+    """Allow models whose code lives in their repo (ChatGLM-6B)."""
+    max_context_width: int = bounded(2048, ge=8)
+    """Sequence length in tokens (longer samples are truncated)."""
+    train_batch_size: int = bounded(1, ge=1)
+    """Micro-batch size per device."""
+    global_batch_size: int | None = bounded(None, ge=1)
+    """Samples per optimizer step; = micro batch × devices × nodes × grad accumulation."""
+    val_batch_size: int | None = bounded(None, ge=1)
+    """Micro-batch size for eval; null = ``train_batch_size``."""
+    sharding_strategy: ShardingStrategy = "full_shard"
+    """FSDP2 sharding: full_shard (ZeRO-3), shard_grad_op (ZeRO-2), hybrid_shard, no_shard."""
+    shard_degree: int | None = bounded(None, ge=1)
+    """GPUs per shard group for hybrid_shard; null = devices per node."""
+    activation_checkpointing: bool = False
+    """Recompute decoder-layer activations in the backward pass."""
+    offload_activations: bool = False
+    """Offload parameters/gradients/optimizer state to CPU (FSDP2 CPUOffloadPolicy)."""
+    compile: bool = False
+    """``torch.compile`` each decoder layer."""
+    seed: int = 1234
+    """Seed for init, data order and dropout."""
+    grad_clip: float = bounded(1.0, ge=0.0)
+    """Max global gradient norm; 0 = no clipping."""
+    num_hidden_layers: int | None = bounded(None, ge=1)
+    """Random-init architecture: decoder layers."""
+    hidden_size: int | None = bounded(None, ge=1)
+    """Random-init architecture: model width."""
+    num_attention_heads: int | None = bounded(None, ge=1)
+    """Random-init architecture: attention heads."""
+    num_key_value_heads: int | None = bounded(None, ge=1)
+    """Random-init architecture: key/value heads (grouped-query attention)."""
+    intermediate_size: int | None = bounded(None, ge=1)
+    """Random-init architecture: MLP width."""
+    vocab_size: int | None = bounded(None, ge=2)
+    """Random-init architecture: vocabulary size (also the size of a trained tokenizer)."""
+    max_position_embeddings: int | None = bounded(None, ge=1)
+    """Random-init architecture: positions; ≥ max_context_width."""
+    num_local_experts: int | None = bounded(None, ge=1)
+    """Random-init MoE (mixtral): experts per layer."""
+    num_experts_per_tok: int | None = bounded(None, ge=1)
+    """Random-init MoE (mixtral): experts routed per token."""
+    config_overrides: dict[str, Any] = bounded({})
+    """Any other Hugging Face config keys, passed through as they are."""
+    optim: OptimConfig = nested(OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    peft: PeftConfig = nested(PeftConfig)
+    """Parameter-efficient fine-tuning."""
+    data: DataConfig = nested(DataConfig)
+    """Training and validation data."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        positions = self.max_position_embeddings
+        if positions is not None and self.max_context_width > positions:
+            problems.append(
+                (
+                    "max_context_width",
+                    f"got {self.max_context_width}, more than the model's "
+                    f"max_position_embeddings={positions}; lower it or raise the positions",
+                )
+            )
+        heads = self.num_attention_heads
+        if self.hidden_size and heads and self.hidden_size % heads:
+            problems.append(
+                (
+                    "hidden_size",
+                    f"{self.hidden_size} is not divisible by num_attention_heads={heads}",
+                )
+            )
+        if self.hf_model_name_or_path is None and self.num_hidden_layers is None:
+            problems.append(
+                (
+                    "hf_model_name_or_path",
+                    "is required unless the architecture is given "
+                    "(num_hidden_layers, hidden_size, ...) for a random-init model",
+                )
+            )
+        return problems
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    run: RunConfig = nested(RunConfig)
+    """Run identity and wall-clock limit."""
+    trainer: TrainerConfig = nested(TrainerConfig)
+    """Devices, nodes, precision and training length."""
+    exp_manager: ExpManagerConfig = nested(ExpManagerConfig)
+    """Where results, checkpoints and exports go."""
+    model: ModelConfig = nested(ModelConfig)
+    """Model, optimizer, fine-tuning method and data."""
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.devices * self.trainer.num_nodes
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches accumulated per optimizer step on each rank."""
+        global_batch = self.model.global_batch_size
+        per_step = self.model.train_batch_size * self.world_size
+        return 1 if global_batch is None else max(1, global_batch // per_step)
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        per_step = self.model.train_batch_size * self.world_size
+        global_batch = self.model.global_batch_size
+        if global_batch is not None and global_batch % per_step:
+            nearest = per_step * max(1, round(global_batch / per_step))
+            problems.append(
+                (
+                    "model.global_batch_size",
+                    f"got {global_batch}; must be a multiple of micro batch × devices × nodes = "
+                    f"{self.model.train_batch_size} × {self.trainer.devices} × "
+                    f"{self.trainer.num_nodes} = {per_step} (e.g. {nearest})",
+                )
+            )
+        degree = self.model.shard_degree
+        if degree is not None and self.world_size % degree:
+            problems.append(
+                (
+                    "model.shard_degree",
+                    f"got {degree}; must divide the world size devices × nodes = {self.world_size}",
+                )
+            )
+        if self.model.sharding_strategy != "hybrid_shard" and degree is not None:
+            problems.append(
+                ("model.shard_degree", "only applies to sharding_strategy=hybrid_shard; remove it")
+            )
+        return problems
+
+
+def load_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping (e.g. a resolved recipe.yaml) into a ``Recipe``."""
+    return load(Recipe, data, source)
+
+
+def recipe_hash(recipe: Recipe, keys: tuple[str, ...] = ("model",)) -> str:
+    """A short stable hash of the parts of a recipe that must match to resume a checkpoint."""
+    data = to_dict(recipe)
+    picked = {k: data[k] for k in keys}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_time_limit(text: str) -> int | None:
+    """Seconds in a Slurm-style ``[D-]HH:MM:SS`` (or ``MM:SS``) limit; None if malformed."""
+    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", str(text).strip())
+    if not match:
+        return None
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    if minutes >= 60 or seconds >= 60:
+        return None
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def parse_duration(value: int | str, steps_per_epoch: int) -> int:
+    """Optimizer steps in ``value``: an int is steps, ``Nep`` epochs, ``Nba`` batches (steps)."""
+    if isinstance(value, int):
+        return value
+    match = DURATION.match(value)
+    if match is None:
+        raise ValueError(f"bad duration {value!r}")
+    count, unit = int(match.group(1)), match.group(2)
+    return count * steps_per_epoch if unit == "ep" else count

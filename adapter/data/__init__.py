@@ -1,0 +1,1 @@
+"""Data: formats → tokenized samples → resumable distributed batches."""

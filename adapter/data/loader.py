@@ -1,0 +1,117 @@
+"""Deterministic, resumable distributed batches.
+
+Each optimizer step consumes one *global* batch: ``global_batch_size`` sample indices taken
+in order from a seeded per-epoch permutation. Rank r takes its contiguous share and splits
+it into micro-batches. The data a step sees is therefore the same at any world size, and
+the position (epoch, step in epoch) is all a checkpoint needs to continue exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from adapter.data.formats import IGNORE_INDEX, Sample
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    num_tokens: int
+    """Non-pad tokens in the batch."""
+    num_label_tokens: int
+    """Tokens that count in the loss (labels shifted by one)."""
+
+
+class GlobalBatchSampler:
+    """Yields each rank's micro-batches of sample indices, step after step, resumably."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch: int,
+        micro_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+    ) -> None:
+        if num_samples < global_batch:
+            raise ValueError(
+                f"the dataset has {num_samples} samples, fewer than model.global_batch_size="
+                f"{global_batch}; lower the global batch or add data"
+            )
+        self.num_samples = num_samples
+        self.global_batch = global_batch
+        self.micro_batch = micro_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.step_in_epoch = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def next_step(self) -> list[list[int]]:
+        """This rank's micro-batches (lists of indices) for the next optimizer step."""
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+        order = self._permutation(self.epoch)
+        start = self.step_in_epoch * self.global_batch
+        per_rank = self.global_batch // self.world_size
+        mine = order[start + self.rank * per_rank : start + (self.rank + 1) * per_rank]
+        self.step_in_epoch += 1
+        return [mine[i : i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+
+
+def pad_batch(samples: list[Sample], pad_id: int, pad_to: int | None = None) -> Batch:
+    """Right-pad samples to the longest one (or ``pad_to``)."""
+    length = pad_to or max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample.input_ids)
+        ids[row, :n] = torch.tensor(sample.input_ids)
+        labels[row, :n] = torch.tensor(sample.labels)
+        mask[row, :n] = 1
+    return Batch(
+        input_ids=ids,
+        labels=labels,
+        attention_mask=mask,
+        position_ids=None,
+        num_tokens=int(mask.sum()),
+        num_label_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+    )
+
+
+def eval_batches(
+    samples: list[Sample], micro_batch: int, rank: int, world_size: int, pad_id: int, limit: int = 0
+) -> Iterator[Batch]:
+    """This rank's strided share of the validation set, in micro-batches."""
+    mine = samples[rank::world_size]
+    starts = range(0, len(mine), micro_batch)
+    for start in starts[:limit] if limit else starts:
+        yield pad_batch(mine[start : start + micro_batch], pad_id)

@@ -1,0 +1,28 @@
+"""Run the trainer, turning user mistakes (bad data, bad checkpoint) into one-line errors."""
+
+from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
+
+from adapter.checkpoint import CheckpointError
+from adapter.config import Recipe
+from adapter.data.formats import DataError
+from adapter.models import ModelError
+
+USER_ERRORS = (DataError, CheckpointError, ModelError)
+
+
+def run_reporting_user_errors(recipe: Recipe) -> int:
+    from adapter.trainer import Trainer
+
+    try:
+        Trainer(recipe).fit()
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

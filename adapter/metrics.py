@@ -1,0 +1,165 @@
+"""Rank-0 metric output: the contract log lines, metrics.jsonl, TensorBoard, progress, loss plot.
+
+The lines ``Train metrics/train/LanguageCrossEntropy: <float>`` (and Perplexity, and the
+Eval ones) are parsed by SageMaker metric definitions and users' CloudWatch regexes:
+keep them exactly as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TRAIN_CE = "Train metrics/train/LanguageCrossEntropy"
+TRAIN_PPL = "Train metrics/train/LanguagePerplexity"
+EVAL_CE = "Eval metrics/eval/LanguageCrossEntropy"
+EVAL_PPL = "Eval metrics/eval/LanguagePerplexity"
+TOKENS_PER_SECOND = "Train metrics/throughput/TokensPerSecond"
+
+# Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name().
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "B200": 2250e12,
+}
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    if not device_name:
+        return None
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
+
+
+def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 6·L·h·s for attention (fwd+bwd)."""
+    return 6 * num_params + 6 * num_layers * hidden * seq_len
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0; every method is a no-op on other ranks."""
+
+    def __init__(self, exp_dir: Path, total_steps: int, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.exp_dir = exp_dir
+        self.start = time.monotonic()
+        self.history: dict[str, list[tuple[int, float]]] = {"train": [], "eval": []}
+        self.tty = sys.stdout.isatty()
+        self.jsonl = open(exp_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(exp_dir / "tensorboard"))
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            self._clear_progress()
+            print(message, flush=True)
+
+    def train(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        loss = values["loss"]
+        self.history["train"].append((step, loss))
+        self._record("train", step, values)
+        self._clear_progress()
+        eta = self._eta(step)
+        mfu = f" | mfu {values['mfu']:.1%}" if values.get("mfu") is not None else ""
+        print(
+            f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {values['lr']:.3e} | "
+            f"grad_norm {values['grad_norm']:.3f} | {values['tokens_per_s']:,.0f} tok/s{mfu} "
+            f"| eta {eta}",
+            flush=True,
+        )
+        print(f"{TRAIN_CE}: {loss:.6f}", flush=True)
+        print(f"{TRAIN_PPL}: {perplexity(loss):.6f}", flush=True)
+        print(f"{TOKENS_PER_SECOND}: {values['tokens_per_s']:.2f}", flush=True)
+
+    def eval(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        self.history["eval"].append((step, loss))
+        self._record("eval", step, {"loss": loss})
+        self._clear_progress()
+        print(f"{EVAL_CE}: {loss:.6f}", flush=True)
+        print(f"{EVAL_PPL}: {perplexity(loss):.6f}", flush=True)
+
+    def progress(self, step: int, loss: float) -> None:
+        """A one-line progress bar with ETA, redrawn in place (terminals only)."""
+        if not (self.enabled and self.tty):
+            return
+        width = 30
+        done = int(width * step / max(1, self.total_steps))
+        bar = "#" * done + "-" * (width - done)
+        sys.stdout.write(
+            f"\r[{bar}] {step}/{self.total_steps} loss {loss:.4f} eta {self._eta(step)}"
+        )
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._clear_progress()
+        if self.jsonl:
+            self.jsonl.close()
+        if self.writer:
+            self.writer.close()
+        self._plot()
+
+    def _record(self, split: str, step: int, values: dict[str, Any]) -> None:
+        row = {"split": split, "step": step, "time": round(time.time(), 3), **values}
+        if split == "train" or "perplexity" not in row:
+            row["perplexity"] = perplexity(values["loss"])
+        assert self.jsonl is not None
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.writer:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{split}/{key}", value, step)
+
+    def _eta(self, step: int) -> str:
+        elapsed = time.monotonic() - self.start
+        remaining = elapsed / max(1, step) * max(0, self.total_steps - step)
+        return time.strftime("%H:%M:%S", time.gmtime(remaining))
+
+    def _clear_progress(self) -> None:
+        if self.tty:
+            sys.stdout.write("\r\033[K")
+
+    def _plot(self) -> None:
+        if not self.history["train"]:
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib not installed: no loss.png (pip install matplotlib)")
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for split, points in self.history.items():
+            if points:
+                ax.plot(
+                    *zip(*points, strict=True), label=split, marker="o" if split == "eval" else None
+                )
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.exp_dir / "loss.png")
+        plt.close(fig)

@@ -1,0 +1,1 @@
+"""Recipe launcher: compose → validate → render → submit. Never imports torch."""

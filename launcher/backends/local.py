@@ -1,0 +1,161 @@
+"""Local backend: torchrun on this machine, in the foreground, output streamed and logged."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError
+from launcher.job import RECIPE_FILE, TRAIN_SCRIPT, Job, shell_exports, train_command
+
+LOG_FILE = "logs/train.log"
+
+TRAIN_SH = """\
+#!/usr/bin/env bash
+# Per-node command of run {name} (local backend). Run by hand: bash {script}
+set -euo pipefail
+{exports}
+exec {command}
+"""
+
+
+@dataclass(kw_only=True)
+class LocalCluster(ClusterConfig):
+    """This machine. ``trainer.devices`` ranks under ``torchrun --standalone``."""
+
+    type: str = "local"
+    """Always ``local``."""
+    torchrun: str | None = None
+    """torchrun executable; null = the one beside the running Python, else ``torchrun``."""
+
+
+class LocalBackend(Backend):
+    type = "local"
+    cluster_schema = LocalCluster
+
+    def validate(self, job: Job) -> list[str]:
+        problems = []
+        if job.num_nodes != 1:
+            problems.append(
+                f"recipes.trainer.num_nodes: got {job.num_nodes}; the local cluster has one "
+                "node: use cluster=slurm|k8s|sm_jobs for multi-node jobs"
+            )
+        data = job.recipe.model.data
+        for key, value in (("train_dir", data.train_dir), ("val_dir", data.val_dir)):
+            if value is not None and not Path(value).expanduser().exists():
+                problems.append(
+                    f"recipes.model.data.{key}: {value!r} does not exist; pass "
+                    f"recipes.model.data.{key}=<an existing file or directory>"
+                )
+        return problems
+
+    def render(self, job: Job) -> Artifacts:
+        recipe_path = str(job.run_dir / RECIPE_FILE)
+        args = ["--standalone", f"--nproc_per_node={job.devices}"]
+        command = train_command(args, recipe_path, launcher=_torchrun(job.cluster))
+        script = TRAIN_SH.format(
+            name=job.name,
+            script=job.run_dir / TRAIN_SCRIPT,
+            exports=shell_exports(job.settings.env_vars),
+            command=" ".join(command),
+        )
+        return Artifacts(
+            files={TRAIN_SCRIPT: script},
+            recipe=job.recipe_dict(),
+            command=command,
+            record={"log_file": str(job.run_dir / LOG_FILE)},
+        )
+
+    def submit(self, job: Job, artifacts: Artifacts) -> dict[str, Any]:
+        from launcher.record import read_record, update_record
+
+        log_path = job.run_dir / LOG_FILE
+        env = {**os.environ, **job.settings.env_vars, "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                ["bash", str(job.run_dir / TRAIN_SCRIPT)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+            update_record(job.run_dir, pid=process.pid, state="RUNNING", submitted=True)
+            exit_code = _stream(process, log)
+        state = "COMPLETED" if exit_code == 0 else "FAILED"
+        if read_record(job.run_dir).get("state") == "CANCELLED":
+            state = "CANCELLED"
+        if exit_code != 0:
+            print(f"error: training exited with code {exit_code}; log: {log_path}", file=sys.stderr)
+        return {"exit_code": exit_code, "state": state, "ended_at": time.time()}
+
+    def status(self, record: dict[str, Any]) -> dict[str, Any]:
+        if record.get("exit_code") is not None:
+            return {"state": record["state"], "exit_code": record["exit_code"]}
+        if not record.get("submitted"):
+            return {"state": "NOT_SUBMITTED"}
+        pid = record.get("pid")
+        if pid is not None and _alive(pid):
+            return {"state": "RUNNING", "pid": pid}
+        return {"state": "UNKNOWN", "detail": "the launching process ended without a record"}
+
+    def logs(self, record: dict[str, Any], follow: bool = False, tail: int | None = None) -> None:
+        from launcher.logtail import print_file
+
+        print_file(
+            Path(record["log_file"]),
+            follow=follow,
+            tail=tail,
+            running=lambda: self.status(record).get("state") == "RUNNING",
+        )
+
+    def cancel(self, record: dict[str, Any]) -> dict[str, Any]:
+        pid = record.get("pid")
+        if pid is None or not _alive(pid):
+            raise LaunchError(
+                f"run {record['run_name']} is not running (state: {record.get('state')})"
+            )
+        os.killpg(pid, signal.SIGTERM)
+        return {"state": "CANCELLED", "cancelled_at": time.time()}
+
+
+def _torchrun(cluster: LocalCluster) -> str:
+    if cluster.torchrun:
+        return cluster.torchrun
+    beside_python = Path(sys.executable).parent / "torchrun"
+    return str(beside_python) if beside_python.exists() else "torchrun"
+
+
+def _stream(process: subprocess.Popen, log: Any) -> int:
+    """Copy the job's output to the terminal and the log; Ctrl-C stops every rank."""
+    try:
+        assert process.stdout is not None
+        for line in iter(process.stdout.readline, b""):
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+            log.write(line)
+            log.flush()
+        return process.wait()
+    except KeyboardInterrupt:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        print("\ninterrupted: stopped all ranks", file=sys.stderr)
+        return 130
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
