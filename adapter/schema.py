@@ -64,7 +64,9 @@ def join_key(prefix: str, name: str) -> str:
 
 def suggest(name: str, choices: typing.Iterable[str]) -> str:
     """' (did you mean `x`?)' for the closest choice, or ''."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    options = list(choices)
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    match = match or [c for c in options if name and c.startswith(name)][:1]
     return f" (did you mean `{match[0]}`?)" if match else ""
 
 

@@ -108,7 +108,7 @@ def plan(cfg: dict[str, Any]) -> tuple[Job, Backend]:
     else:
         recipe, errs = parse(Recipe, recipe_data, "recipes")
         problems.extend(errs)
-    if problems or settings is None or cluster is None or recipe is None:
+    if settings is None or cluster is None or recipe is None:
         raise ConfigError(problems, "the launch config")
 
     run_dir = Path(settings.base_results_dir).expanduser().resolve() / recipe.run.name

@@ -1,0 +1,63 @@
+"""Shared test helpers: run the real entry points (main.py, torchrun) in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(
+    *overrides: str,
+    cwd: Path = REPO,
+    timeout: int = 300,
+    check: bool = False,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``python main.py <overrides>`` as a user runs it; returns the finished process."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"main.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def read_metrics(run_dir: Path, split: str = "train") -> list[dict[str, Any]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["split"] == split]
+
+
+# Small, fast variant of the demo recipe for training tests.
+FAST = (
+    "recipes.trainer.max_steps=6",
+    "recipes.trainer.log_every_n_steps=1",
+    "recipes.trainer.val_check_interval=0",
+    "recipes.model.data.num_synthetic_samples=400",
+    "recipes.exp_manager.checkpoint_callback_params.every_n_train_steps=0",
+    "recipes.exp_manager.checkpoint_callback_params.save_last=false",
+    "recipes.exp_manager.export_full_model.save_last=false",
+    "recipes.exp_manager.create_tensorboard_logger=false",
+)
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    """A fresh base_results_dir."""
+    path = tmp_path / "results"
+    path.mkdir()
+    return path

@@ -1,0 +1,158 @@
+"""``python main.py``: composition, validation before anything is written, dry-run artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from adapter.config import load_recipe
+from launcher.job import plan
+from tests.conftest import REPO, run_main
+
+RECIPES = sorted(p.stem for p in (REPO / "recipes_collection/recipes").glob("*.yaml"))
+
+
+def composed(*overrides: str) -> dict:
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(REPO / "recipes_collection"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_validates_locally(recipe: str, tmp_path: Path) -> None:
+    job, backend = plan(composed(f"recipes={recipe}", f"base_results_dir={tmp_path}"))
+    assert backend.type == "local"
+    assert job.run_dir == tmp_path / job.recipe.run.name
+
+
+def test_default_is_tiny_llama_on_local() -> None:
+    cfg = composed()
+    assert cfg["cluster"]["type"] == "local"
+    assert cfg["recipes"]["run"]["name"] == "tiny_llama_sft"
+    assert cfg["base_results_dir"] == "./results"
+
+
+def test_dry_run_writes_resolved_recipe_script_and_record(results: Path) -> None:
+    out = run_main(
+        "dry_run=true", f"base_results_dir={results}", "recipes.trainer.max_steps=20", check=True
+    )
+    run_dir = results / "tiny_llama_sft"
+    assert f"dry run: nothing submitted; wrote to {run_dir}" in out.stdout
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "launch.json",
+        "logs",
+        "recipe.yaml",
+        "train.sh",
+    ]
+    text = (run_dir / "recipe.yaml").read_text()
+    assert "${" not in text
+    recipe = load_recipe(yaml.safe_load(text))
+    assert recipe.trainer.max_steps == 20
+    assert recipe.exp_manager.exp_dir == str(run_dir)
+    script = (run_dir / "train.sh").read_text()
+    assert script.endswith(
+        f" --standalone --nproc_per_node=1 -m adapter.train {run_dir}/recipe.yaml\n"
+    )
+    assert (run_dir / "train.sh").stat().st_mode & 0o111
+    record = json.loads((run_dir / "launch.json").read_text())
+    assert record["backend"] == "local"
+    assert record["dry_run"] is True and record["submitted"] is False
+    assert record["resources"] == {
+        "num_nodes": 1,
+        "devices": 1,
+        "instance_type": None,
+        "container": None,
+        "gpu": False,
+    }
+    assert record["command"][-3:] == ["-m", "adapter.train", f"{run_dir}/recipe.yaml"]
+
+
+def test_env_vars_are_exported_quoted(results: Path) -> None:
+    run_main("dry_run=true", f"base_results_dir={results}", "+env_vars.GREETING='a b'", check=True)
+    assert "export GREETING='a b'\n" in (results / "tiny_llama_sft/train.sh").read_text()
+
+
+def test_errors_are_reported_together_before_anything_is_written(results: Path) -> None:
+    out = run_main(
+        "dry_run=true",
+        f"base_results_dir={results}",
+        "+recipes.trainer.max_step=3",
+        "recipes.trainer.precision=bf17",
+        "recipes.model.optim.lr=-1",
+        "cluster.type=slurmm",
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.splitlines() == [
+        "error: the launch config is not valid, found 4 error(s):",
+        "  - cluster.type: got 'slurmm' (did you mean `slurm`?); allowed values: k8s, local, "
+        "slurm, sm_jobs",
+        "  - recipes.trainer.max_step: unknown key (did you mean `max_steps`?); allowed keys "
+        "here: accelerator, devices, limit_val_batches, log_every_n_steps, max_epochs, "
+        "max_steps, num_nodes, precision, val_check_interval",
+        "  - recipes.trainer.precision: got 'bf17' (did you mean `bf16`?); allowed values: "
+        "'32', 'bf16', '16'",
+        "  - recipes.model.optim.lr: got -1.0; must be > 0.0",
+    ]
+    assert list(results.iterdir()) == []
+
+
+def test_missing_data_path_for_local(results: Path) -> None:
+    out = run_main(
+        "dry_run=true",
+        f"base_results_dir={results}",
+        "recipes.model.data.synthetic=null",
+        "recipes.model.data.train_dir=/nonexistent/train.jsonl",
+    )
+    assert out.returncode == 2
+    assert (
+        "  - recipes.model.data.train_dir: '/nonexistent/train.jsonl' does not exist; pass "
+        "recipes.model.data.train_dir=<an existing file or directory>"
+    ) in out.stderr.splitlines()
+
+
+def test_unwritable_results_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = run_main("dry_run=true", f"base_results_dir={blocker}/sub")
+    assert out.returncode == 2
+    assert f"base_results_dir: '{blocker}/sub' is not writable" in out.stderr
+
+
+def test_multi_node_on_local_is_rejected(results: Path) -> None:
+    out = run_main("dry_run=true", f"base_results_dir={results}", "recipes.trainer.num_nodes=2")
+    assert out.returncode == 2
+    assert "recipes.trainer.num_nodes: got 2; the local cluster has one node" in out.stderr
+
+
+def test_fp16_on_cpu_is_an_error_and_bf16_a_warning(results: Path) -> None:
+    out = run_main("dry_run=true", f"base_results_dir={results}", "recipes.trainer.precision=16")
+    assert out.returncode == 2
+    assert "recipes.trainer.precision: got '16' (fp16 with loss scaling), which needs CUDA" in (
+        out.stderr
+    )
+    out = run_main(
+        "dry_run=true", f"base_results_dir={results}", "recipes.trainer.precision=bf16", check=True
+    )
+    assert "warning: recipes.trainer.precision: bf16 on CPU works but is 4-8x slower" in out.stderr
+
+
+def test_unknown_recipe_lists_available(results: Path) -> None:
+    out = run_main("recipes=tiny_lama_sft", f"base_results_dir={results}")
+    assert out.returncode != 0
+    assert "Could not find 'recipes/tiny_lama_sft'" in out.stderr
+    assert "Available options in 'recipes':" in out.stderr
+    assert "\ttiny_llama_sft" in out.stderr
+
+
+def test_unknown_key_without_plus_is_named(results: Path) -> None:
+    out = run_main("recipes.trainer.max_step=3", f"base_results_dir={results}")
+    assert out.returncode != 0
+    assert "Key 'max_step' is not in struct" in out.stderr
+    assert "full_key: recipes.trainer.max_step" in out.stderr

@@ -1,0 +1,95 @@
+"""Real torchrun training on CPU: FSDP2 equivalence across world sizes, code paths, the demo."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, read_metrics, run_main
+
+pytestmark = pytest.mark.slow
+
+GLOBAL_BATCH = ("recipes.model.global_batch_size=16",)
+
+
+def train(results: Path, name: str, *overrides: str) -> list[float]:
+    run_main(
+        f"base_results_dir={results}",
+        f"recipes.run.name={name}",
+        *FAST,
+        *GLOBAL_BATCH,
+        *overrides,
+        check=True,
+    )
+    return [row["loss"] for row in read_metrics(results / name)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    """One rank, fp32, micro batch 8 × 2 accumulation steps."""
+    return train(tmp_path_factory.mktemp("ref"), "ref", "recipes.model.train_batch_size=8")
+
+
+def test_reference_loss_falls(reference: list[float]) -> None:
+    assert len(reference) == 6
+    assert reference[-1] < reference[0] - 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("recipes.model.sharding_strategy=full_shard",),
+        (
+            "recipes.model.sharding_strategy=hybrid_shard",
+            "recipes.model.shard_degree=1",
+            "recipes.model.activation_checkpointing=true",
+        ),
+        ("recipes.model.sharding_strategy=no_shard", "recipes.model.offload_activations=true"),
+        ("recipes.model.sharding_strategy=shard_grad_op",),
+    ],
+    ids=["full_shard", "hybrid_shard+ac", "no_shard+offload", "shard_grad_op"],
+)
+def test_two_ranks_match_one_rank_in_fp32(
+    overrides: tuple[str, ...], reference: list[float], results: Path
+) -> None:
+    """Same global batch (16) split as 4 × 2 ranks × 2 accumulation: same losses."""
+    losses = train(
+        results, "two", "recipes.trainer.devices=2", "recipes.model.train_batch_size=4", *overrides
+    )
+    assert losses == pytest.approx(reference, abs=2e-5, rel=0)
+
+
+def test_bf16_mixed_precision_runs_close_to_fp32(reference: list[float], results: Path) -> None:
+    losses = train(
+        results, "bf16", "recipes.trainer.precision=bf16", "recipes.model.train_batch_size=16"
+    )
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[0] == pytest.approx(reference[0], abs=0.05)
+    assert losses != reference
+
+
+def test_demo_learns_and_reports(results: Path) -> None:
+    """Bare ``python main.py`` (only the results dir moved): the README's first command."""
+    out = run_main(f"base_results_dir={results}", check=True, timeout=600)
+    run_dir = results / "tiny_llama_sft"
+    train_rows = read_metrics(run_dir)
+    eval_rows = read_metrics(run_dir, "eval")
+    assert train_rows[-1]["loss"] <= 0.7 * train_rows[0]["loss"]
+    assert train_rows[-1]["step"] == 1000
+    assert eval_rows[-1]["loss"] < 0.7 * eval_rows[0]["loss"]
+    assert "sample completions:" in out.stdout
+    assert out.stdout.rstrip().endswith(f"results: {run_dir}")
+    for name in (
+        "hf_model/config.json",
+        "hf_model/model.safetensors",
+        "loss.png",
+        "logs/train.log",
+        "recipe.yaml",
+        "train.sh",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "tensorboard").iterdir())
+    log = (run_dir / "logs/train.log").read_text()
+    assert f"Train metrics/train/LanguageCrossEntropy: {train_rows[-1]['loss']:.6f}" in log
