@@ -7,6 +7,7 @@ reports every problem at once, before anything is written. ``Job`` is what backe
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 from dataclasses import dataclass, field
@@ -77,6 +78,42 @@ class Job:
     def recipe_dict(self) -> dict[str, Any]:
         """The fully resolved recipe (every default filled in) as written to recipe.yaml."""
         return to_dict(self.recipe)
+
+
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY", re.I)
+
+GPU_ENV = {
+    "NCCL_DEBUG": "WARN",
+    "NCCL_SOCKET_IFNAME": "^lo,docker0",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+}
+"""Defaults for GPU nodes (NCCL over the node's real interfaces); ``env_vars`` override them."""
+EFA_ENV = {"FI_PROVIDER": "efa", "FI_EFA_FORK_SAFE": "1"}
+"""Defaults for instances with EFA (libfabric's EFA provider; fork-safe for data workers)."""
+BASE_ENV = {"PYTHONUNBUFFERED": "1"}
+"""Every job: unbuffered output so the log file follows training as it happens."""
+
+
+def wrapped(command: list[str]) -> str:
+    """A command with one option per line (an option's own arguments stay beside it)."""
+    lines = [[command[0]]]
+    for arg in command[1:]:
+        if arg.startswith("-"):
+            lines.append([arg])
+        else:
+            lines[-1].append(arg)
+    return " \\\n  ".join(" ".join(line) for line in lines)
+
+
+def job_env(job: Job) -> dict[str, str]:
+    """Environment of every rank: base, GPU and EFA defaults, then the user's env_vars."""
+    env = dict(BASE_ENV)
+    if job.uses_gpu:
+        env |= GPU_ENV
+        spec = instance_spec(job.settings.instance_type or "")
+        if spec is not None and spec.efa:
+            env |= EFA_ENV
+    return env | {k: str(v) for k, v in job.settings.env_vars.items()}
 
 
 def train_command(

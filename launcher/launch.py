@@ -73,8 +73,10 @@ def initial_record(job: Job, artifacts: Artifacts) -> dict[str, Any]:
 
 def submit(job: Job, backend: Backend, artifacts: Artifacts) -> int:
     fields = backend.submit(job, artifacts)
-    record = update_record(job.run_dir, submitted=True, **fields)
+    record = update_record(job.run_dir, **{"submitted": True, **fields})
     exit_code = record.get("exit_code")
+    if not record["submitted"]:
+        return 0
     if exit_code is None:
         print(f"submitted {record.get('job_id', job.name)}; results: {job.run_dir}")
         print(f"  status: python -m launcher status {job.run_dir}")
