@@ -128,6 +128,30 @@ def shell_exports(env: dict[str, str]) -> str:
     return "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in sorted(env.items()))
 
 
+def check_gpu_request(job: Job, gpus: int | None, key: str) -> list[str]:
+    """The GPUs a backend requests per node (``key`` = its config key) against the job's ranks."""
+    problems = []
+    if gpus and not job.uses_gpu:
+        problems.append(
+            f"{key}: got {gpus} but this job runs on CPU (instance_type="
+            f"{job.settings.instance_type or 'null'}, recipes.trainer.accelerator="
+            f"{job.recipe.trainer.accelerator}); set {key}=null, or a GPU instance_type / "
+            "recipes.trainer.accelerator=gpu"
+        )
+    if job.uses_gpu and gpus and gpus < job.devices:
+        problems.append(
+            f"recipes.trainer.devices: got {job.devices} ranks per node but {key}={gpus}; set "
+            f"recipes.trainer.devices ≤ {gpus} or request more GPUs"
+        )
+    spec = instance_spec(job.settings.instance_type or "")
+    if job.uses_gpu and spec is not None and spec.gpus and job.devices > spec.gpus:
+        problems.append(
+            f"recipes.trainer.devices: got {job.devices}; {job.settings.instance_type} has "
+            f"{spec.gpus} GPUs per node: set recipes.trainer.devices={spec.gpus} (or fewer)"
+        )
+    return problems
+
+
 def plan(cfg: dict[str, Any]) -> tuple[Job, Backend]:
     """Validate the composed config and build the job; raises ConfigError with all problems."""
     cfg = dict(cfg)

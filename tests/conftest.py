@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import subprocess
@@ -40,6 +41,34 @@ def run_main(
 def read_metrics(run_dir: Path, split: str = "train") -> list[dict[str, Any]]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [row for row in map(json.loads, lines) if row["split"] == split]
+
+
+UPDATE_REFERENCE = "RECIPES_UPDATE_REFERENCE"
+
+
+def check_reference(path: Path, text: str) -> None:
+    """Compare a rendered file with its stored reference (submitit-style record test).
+
+    A missing reference is recorded and the test fails once so a person reviews it; set
+    RECIPES_UPDATE_REFERENCE=1 (or delete the file) to re-record an intended change.
+    """
+    if os.environ.get(UPDATE_REFERENCE) == "1" or not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        if os.environ.get(UPDATE_REFERENCE) != "1":
+            pytest.fail(f"recorded the missing reference {path}: review it, then rerun")
+        return
+    expected = path.read_text()
+    if text != expected:
+        diff = "".join(
+            difflib.unified_diff(
+                expected.splitlines(True), text.splitlines(True), str(path), "rendered"
+            )
+        )
+        pytest.fail(
+            f"the rendered file differs from {path}:\n{diff}\nIf this change is intended, "
+            f"delete {path} (or set {UPDATE_REFERENCE}=1) and rerun to record the new one."
+        )
 
 
 # Small, fast variant of the demo recipe for training tests.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import functools
 import json
 import os
@@ -29,7 +28,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from services.k8s_emulator import (
+from tests.services.k8s_emulator import (
     CONFIGMAPS,
     PODS,
     PYTORCHJOBS,
@@ -44,10 +43,10 @@ from launcher.__main__ import main as launcher_cli
 from launcher.backends.k8s import K8sBackend, K8sCluster, state_from_conditions
 from launcher.job import Job, plan
 from launcher.launch import launch
+from tests.conftest import check_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(__file__).parent / "reference" / "k8s"
-UPDATE_REFERENCE = "RECIPES_UPDATE_REFERENCE"
 RUN_NAME = "tiny_llama_sft"
 JOB_NAME = "tiny-llama-sft"
 IMAGE = "registry.example.com/ml/recipes-train:1.0"
@@ -147,27 +146,6 @@ def manifests(files: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
     return yaml.safe_load(files["pytorchjob.yaml"]), yaml.safe_load(files["configmap.yaml"])
 
 
-def check_reference(name: str, text: str) -> None:
-    path = REFERENCE_DIR / name
-    if os.environ.get(UPDATE_REFERENCE) == "1" or not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        if os.environ.get(UPDATE_REFERENCE) != "1":
-            pytest.fail(f"recorded the missing reference {path}: review it, then rerun")
-        return
-    expected = path.read_text()
-    if text != expected:
-        diff = "".join(
-            difflib.unified_diff(
-                expected.splitlines(True), text.splitlines(True), str(path), "rendered"
-            )
-        )
-        pytest.fail(
-            f"the rendered file differs from {path}:\n{diff}\nIf this change is intended, "
-            f"delete {path} (or set {UPDATE_REFERENCE}=1) and rerun to record the new one."
-        )
-
-
 def config_errors(results: Path, *overrides: str, cluster: dict | None = None) -> str:
     with pytest.raises(ConfigError) as info:
         plan(k8s_config(results, *overrides, cluster=cluster))
@@ -242,8 +220,8 @@ def test_reference_2x8_gpus_volumes_affinity_secret(tmp_path: Path) -> None:
     files = rendered(tmp_path, *GPU_2X8, cluster=GPU_2X8_CLUSTER)
     assert set(files) == {"pytorchjob.yaml", "configmap.yaml", "train.sh"}
     assert str(tmp_path) not in files["pytorchjob.yaml"] + files["train.sh"]
-    check_reference("p5_2x8.pytorchjob.yaml", files["pytorchjob.yaml"])
-    check_reference("p5_2x8.train.sh", files["train.sh"])
+    check_reference(REFERENCE_DIR / "p5_2x8.pytorchjob.yaml", files["pytorchjob.yaml"])
+    check_reference(REFERENCE_DIR / "p5_2x8.train.sh", files["train.sh"])
 
 
 SETTINGS = {

@@ -13,7 +13,9 @@ from adapter.config import load_recipe
 from launcher.job import plan
 from tests.conftest import REPO, run_main
 
-RECIPES = sorted(p.stem for p in (REPO / "recipes_collection/recipes").glob("*.yaml"))
+# Tiny recipes run locally as shipped; the full-size ones are covered per cluster in
+# test_recipes.py (they need data paths and multi-node clusters).
+TINY_RECIPES = sorted(p.stem for p in (REPO / "recipes_collection/recipes").glob("tiny_*.yaml"))
 
 
 def composed(*overrides: str) -> dict:
@@ -24,8 +26,8 @@ def composed(*overrides: str) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_every_recipe_composes_and_validates_locally(recipe: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe", TINY_RECIPES)
+def test_every_tiny_recipe_composes_and_validates_locally(recipe: str, tmp_path: Path) -> None:
     job, backend = plan(composed(f"recipes={recipe}", f"base_results_dir={tmp_path}"))
     assert backend.type == "local"
     assert job.run_dir == tmp_path / job.recipe.run.name

@@ -11,7 +11,6 @@ delete the reference file (or set RECIPES_UPDATE_REFERENCE=1) and rerun to recor
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -32,11 +31,11 @@ from launcher.backends.base import LaunchError
 from launcher.backends.slurm import SlurmBackend, SlurmCluster
 from launcher.job import Job, plan
 from launcher.launch import write_artifacts
+from tests.conftest import check_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_SH = ROOT / "tests" / "services" / "slurm.sh"
 REFERENCE_DIR = Path(__file__).parent / "reference" / "slurm"
-UPDATE_REFERENCE = "RECIPES_UPDATE_REFERENCE"
 RUN_NAME = "tiny_llama_sft"
 JOB_TIMEOUT_S = 240
 
@@ -93,27 +92,6 @@ def normalized(text: str, results: Path) -> str:
     return text.replace(str(results), "<RESULTS>").replace(str(Path.cwd()), "<CWD>")
 
 
-def check_reference(name: str, text: str) -> None:
-    path = REFERENCE_DIR / name
-    if os.environ.get(UPDATE_REFERENCE) == "1" or not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        if os.environ.get(UPDATE_REFERENCE) != "1":
-            pytest.fail(f"recorded the missing reference {path}: review it, then rerun")
-        return
-    expected = path.read_text()
-    if text != expected:
-        diff = "".join(
-            difflib.unified_diff(
-                expected.splitlines(True), text.splitlines(True), str(path), "rendered"
-            )
-        )
-        pytest.fail(
-            f"the rendered file differs from {path}:\n{diff}\nIf this change is intended, "
-            f"delete {path} (or set {UPDATE_REFERENCE}=1) and rerun to record the new one."
-        )
-
-
 def run(argv: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -165,8 +143,13 @@ def scontrol(env: dict[str, str], *args: str) -> str:
 def test_reference_gpu_multinode_container(tmp_path: Path) -> None:
     files = rendered(tmp_path, *GPU_MULTINODE_CONTAINER)
     assert set(files) == {f"{RUN_NAME}.sbatch", "train.sh"}
-    check_reference("p5_4nodes_container.sbatch", normalized(files[f"{RUN_NAME}.sbatch"], tmp_path))
-    check_reference("p5_4nodes_container.train.sh", normalized(files["train.sh"], tmp_path))
+    check_reference(
+        REFERENCE_DIR / "p5_4nodes_container.sbatch",
+        normalized(files[f"{RUN_NAME}.sbatch"], tmp_path),
+    )
+    check_reference(
+        REFERENCE_DIR / "p5_4nodes_container.train.sh", normalized(files["train.sh"], tmp_path)
+    )
 
 
 def test_rendered_scripts_are_valid_bash(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from launcher.job import (
     SECRET_NAME,
     TRAIN_SCRIPT,
     Job,
+    check_gpu_request,
     job_env,
     train_command,
     wrapped,
@@ -459,7 +460,7 @@ def _check_job(job: Job, cluster: K8sCluster) -> list[str]:
                 f"env_vars.{name}: looks like a secret and would be written in plain text into "
                 f"{JOB_FILE}; store it in a Secret and list it under cluster.secret_env"
             )
-    return problems + _check_gpus(job, cluster)
+    return problems + check_gpu_request(job, cluster.resources.gpus, "cluster.resources.gpus")
 
 
 def _job_name_problem(job: Job) -> str | None:
@@ -474,29 +475,6 @@ def _job_name_problem(job: Job) -> str | None:
         f"at most {max_len} characters (lower-case letters, digits, '-'; starting with a "
         "letter) so the operator's pod services fit: pass recipes.run.name=<such a name>"
     )
-
-
-def _check_gpus(job: Job, cluster: K8sCluster) -> list[str]:
-    problems = []
-    gpus = cluster.resources.gpus
-    if gpus and not job.uses_gpu:
-        problems.append(
-            f"cluster.resources.gpus: got {gpus} but this job runs on CPU (instance_type="
-            f"{job.settings.instance_type}, trainer.accelerator={job.recipe.trainer.accelerator}); "
-            "set it to null, or a GPU instance_type / recipes.trainer.accelerator=gpu"
-        )
-    if job.uses_gpu and gpus is not None and gpus < job.devices:
-        problems.append(
-            f"recipes.trainer.devices: got {job.devices} ranks per pod but cluster.resources.gpus"
-            f"={gpus}; set recipes.trainer.devices ≤ {gpus} or request more GPUs"
-        )
-    spec = instance_spec(job.settings.instance_type or "")
-    if job.uses_gpu and spec is not None and spec.gpus and job.devices > spec.gpus:
-        problems.append(
-            f"recipes.trainer.devices: got {job.devices}; {job.settings.instance_type} has "
-            f"{spec.gpus} GPUs per node: set recipes.trainer.devices={spec.gpus} (or fewer)"
-        )
-    return problems
 
 
 def _mount_warnings(job: Job, cluster: K8sCluster) -> list[str]:

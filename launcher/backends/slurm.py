@@ -27,12 +27,12 @@ from typing import Any, Literal
 from adapter.config import parse_time_limit
 from adapter.schema import bounded
 from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError
-from launcher.instances import instance_spec
 from launcher.job import (
     RECIPE_FILE,
     SECRET_NAME,
     TRAIN_SCRIPT,
     Job,
+    check_gpu_request,
     job_env,
     shell_exports,
     train_command,
@@ -198,7 +198,7 @@ class SlurmBackend(Backend):
     def validate(self, job: Job) -> list[str]:
         cluster = _cluster(job)
         return [
-            *_check_gpus(job, cluster),
+            *check_gpu_request(job, cluster.gpus_per_node, "cluster.gpus_per_node"),
             *_check_container(job, cluster),
             *_check_secrets(job),
         ]
@@ -378,30 +378,6 @@ def _cluster(job: Job) -> SlurmCluster:
 def _positive_time(text: str) -> bool:
     seconds = parse_time_limit(text)
     return seconds is not None and seconds > 0
-
-
-def _check_gpus(job: Job, cluster: SlurmCluster) -> list[str]:
-    problems = []
-    gpus = cluster.gpus_per_node
-    if not job.uses_gpu and gpus:
-        problems.append(
-            f"cluster.gpus_per_node: got {gpus} but this job runs on CPU (instance_type="
-            f"{job.settings.instance_type or 'null'}, recipes.trainer.accelerator="
-            f"{job.recipe.trainer.accelerator}); "
-            "set cluster.gpus_per_node=null, or a GPU instance_type / trainer.accelerator=gpu"
-        )
-    if job.uses_gpu and gpus and gpus < job.devices:
-        problems.append(
-            f"recipes.trainer.devices: got {job.devices} ranks per node but cluster.gpus_per_node"
-            f"={gpus}; set trainer.devices ≤ {gpus} or request more GPUs"
-        )
-    spec = instance_spec(job.settings.instance_type or "")
-    if job.uses_gpu and spec is not None and spec.gpus and job.devices > spec.gpus:
-        problems.append(
-            f"recipes.trainer.devices: got {job.devices}; {job.settings.instance_type} has "
-            f"{spec.gpus} GPUs per node: set recipes.trainer.devices={spec.gpus} (or fewer)"
-        )
-    return problems
 
 
 def _check_container(job: Job, cluster: SlurmCluster) -> list[str]:
