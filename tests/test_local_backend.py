@@ -48,6 +48,8 @@ def test_failed_training_returns_its_exit_code(results: Path, tmp_path: Path) ->
     )
     assert out.returncode != 0
     assert f"error: {data}:2: field 'response'" in out.stdout
+    assert "Traceback" not in out.stdout + out.stderr
+    assert out.stderr.strip().endswith(f"full log: {results}/tiny_llama_sft/logs/train.log")
     status = manage("status", str(results / "tiny_llama_sft")).stdout
     assert status.startswith("tiny_llama_sft: FAILED exit_code=")
 

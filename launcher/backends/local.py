@@ -91,7 +91,10 @@ class LocalBackend(Backend):
         if read_record(job.run_dir).get("state") == "CANCELLED":
             state = "CANCELLED"
         if exit_code != 0:
-            print(f"error: training exited with code {exit_code}; log: {log_path}", file=sys.stderr)
+            print(
+                f"error: training exited with code {exit_code}; full log: {log_path}",
+                file=sys.stderr,
+            )
         return {"exit_code": exit_code, "state": state, "ended_at": time.time()}
 
     def status(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -133,11 +136,16 @@ def _torchrun(cluster: LocalCluster) -> str:
 
 def _stream(process: subprocess.Popen, log: Any) -> int:
     """Copy the job's output to the terminal and the log; Ctrl-C stops every rank."""
+    reported = False
     try:
         assert process.stdout is not None
         for line in iter(process.stdout.readline, b""):
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
+            # After the adapter's one-line "error: ..." for a user mistake, the rest is
+            # torchrun's failure report (a traceback): keep it in the log, not on screen.
+            if not reported:
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+            reported = reported or line.startswith(b"error: ")
             log.write(line)
             log.flush()
         return process.wait()
