@@ -29,7 +29,7 @@ _GPU_FAMILIES: dict[str, InstanceSpec] = {
     "g5.16xlarge": InstanceSpec(1, 24),
     "g5.12xlarge": InstanceSpec(4, 24),
     "g5.24xlarge": InstanceSpec(4, 24),
-    "g5.48xlarge": InstanceSpec(8, 24),
+    "g5.48xlarge": InstanceSpec(8, 24, efa=1),
     "g6.xlarge": InstanceSpec(1, 24),
     "g6.12xlarge": InstanceSpec(4, 24),
     "g6.48xlarge": InstanceSpec(8, 24),
