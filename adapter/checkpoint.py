@@ -1,38 +1,327 @@
 """Distributed checkpoints with torch.distributed.checkpoint (DCP): save, complete, resume.
 
-A checkpoint ``<checkpoint_dir>/step_<N>/`` counts only once its completion marker exists;
-the marker is written by rank 0 after every rank finished writing, so a crash mid-save
-leaves an incomplete directory that resume skips.
+A checkpoint is a directory ``<checkpoint_dir>/step_<N>/`` holding
+
+- the DCP shards every rank wrote (``__<rank>_0.distcp``) and DCP's ``.metadata``;
+- ``hf_assets/``: model config, generation config, tokenizer, the resolved recipe and, for
+  PEFT runs, ``adapter_config.json`` — what ``python -m adapter.export`` needs to rebuild
+  the model without the training job;
+- ``COMPLETE.json``, written last, atomically, by rank 0 once every rank finished: step,
+  world size, recipe hash and what must match to resume (architecture, PEFT settings).
+
+A directory without the marker is incomplete: resume skips it with a warning and pruning
+deletes it, so a crash in the middle of a save never costs the previous complete one.
+
+Saves are asynchronous by default (``exp_manager.async_checkpointing``): ``dcp.async_save``
+stages a CPU copy of the state — training is blocked only for that copy — and writes it in a
+background thread over a gloo group of its own (sharing FSDP's group corrupts its
+collectives). At most one save is in flight; a failed background save is logged when it
+fails and raised as ``CheckpointError`` at the next save or at ``close``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import random
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import yaml
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
 
 from adapter.config import Recipe, recipe_hash
 from adapter.distributed import DistEnv
+from adapter.schema import to_dict
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
+ASSETS = "hf_assets"
+RECIPE_FILE = "recipe.yaml"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+FORMAT_VERSION = 1
+RNG_KEY = "rng"
+# DCP reports failures of any rank as CheckpointException, a BaseException.
+SAVE_ERRORS = (Exception, CheckpointException)
+
+# Hugging Face config keys that fix the shapes of the weights (every family's spelling).
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "padded_vocab_size",
+    "hidden_size",
+    "n_embd",
+    "d_model",
+    "num_hidden_layers",
+    "n_layer",
+    "n_layers",
+    "num_layers",
+    "num_attention_heads",
+    "n_head",
+    "n_heads",
+    "num_key_value_heads",
+    "multi_query_group_num",
+    "intermediate_size",
+    "n_inner",
+    "ffn_hidden_size",
+    "expansion_ratio",
+    "head_dim",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "tie_word_embeddings",
+)
+# PEFT settings that fix the shapes of the trainable weights, by method.
+PEFT_SHAPE_KEYS = {
+    None: (),
+    "lora": ("rank", "target_modules"),
+    "qlora_4bit": ("rank", "target_modules"),
+    "prefix_tuning": ("num_virtual_tokens",),
+    "p_tuning": ("num_virtual_tokens", "encoder_hidden_size"),
+    "prompt_tuning": ("num_virtual_tokens",),
+}
 
 
 class CheckpointError(Exception):
-    """A checkpoint that can't be used: names the path and what is wrong."""
+    """A checkpoint that can't be written or used: names the path, what is wrong, the fix."""
+
+
+# --- where things go ----------------------------------------------------------------------
+def checkpoint_root(recipe: Recipe) -> Path:
+    """``exp_manager.checkpoint_dir``, else ``<exp_dir>/checkpoints``."""
+    exp = recipe.exp_manager
+    return Path(exp.checkpoint_dir or Path(exp.exp_dir or ".") / "checkpoints")
+
+
+def export_root(recipe: Recipe) -> Path:
+    """Final Hugging Face export: ``export_full_model.output_dir``, else SageMaker's model
+    dir (``$SM_MODEL_DIR``, /opt/ml/model) inside a training job, else ``<exp_dir>/hf_model``."""
+    export = recipe.exp_manager.export_full_model
+    if export.output_dir:
+        return Path(export.output_dir)
+    if os.environ.get("SM_MODEL_DIR"):
+        return Path(os.environ["SM_MODEL_DIR"])
+    return Path(recipe.exp_manager.exp_dir or ".") / "hf_model"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step}"
+
+
+def ensure_writable(paths: list[Path], env: DistEnv) -> None:
+    """Create ``paths`` and write a probe file on every rank; raise on all ranks if any failed.
+
+    Called before training so that a read-only checkpoint or export directory fails in
+    seconds, not at the first save hours later.
+    """
+    problems = []
+    for path in paths:
+        probe = path / f".write_test_rank{env.rank}"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            problems.append(f"rank {env.rank} can't write to {path}: {exc.strerror or exc}")
+    gathered: list[list[str]] = [[] for _ in range(env.world_size)]
+    dist.all_gather_object(gathered, problems)
+    found = [p for rank_problems in gathered for p in rank_problems]
+    if found:
+        raise CheckpointError(
+            "; ".join(found) + " — fix the permissions or point exp_manager.checkpoint_dir / "
+            "exp_manager.export_full_model.output_dir at a writable directory"
+        )
+
+
+# --- finding checkpoints --------------------------------------------------------------
+def scan(root: Path) -> tuple[list[tuple[int, Path]], list[tuple[int, Path]]]:
+    """(complete, incomplete) ``step_<N>`` directories under ``root``, oldest first."""
+    complete, incomplete = [], []
+    if root.is_dir():
+        for path in root.iterdir():
+            match = STEP_DIR.match(path.name)
+            if match and path.is_dir():
+                bucket = complete if (path / MARKER).is_file() else incomplete
+                bucket.append((int(match.group(1)), path))
+    return sorted(complete), sorted(incomplete)
+
+
+def newest_complete(root: Path, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint under ``root``; warns about newer incomplete ones."""
+    complete, incomplete = scan(root)
+    newest_step = complete[-1][0] if complete else -1
+    if warn:
+        for step, path in incomplete:
+            if step > newest_step:
+                log.warning(
+                    "skipping incomplete checkpoint %s (no %s: its save never finished)",
+                    path,
+                    MARKER,
+                )
+    return complete[-1][1] if complete else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A complete checkpoint dir: ``path`` itself, or the newest complete one under it."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / MARKER).is_file():
+        return path
+    if STEP_DIR.match(path.name) and (path / ".metadata").is_file():
+        raise CheckpointError(
+            f"{path}: incomplete checkpoint (no {MARKER}: its save never finished); use an "
+            f"older step_<N> directory beside it"
+        )
+    found = newest_complete(path) if path.is_dir() else None
+    if found is None:
+        raise CheckpointError(
+            f"{path}: not a checkpoint (expected a step_<N> directory with {MARKER}, or a "
+            f"checkpoint directory that holds one)"
+        )
+    return found
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """The completion marker of checkpoint ``path``; CheckpointError naming the path if bad."""
+    marker_path = path / MARKER
+    try:
+        marker = json.loads(marker_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {MARKER})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{marker_path}: unreadable completion marker ({exc})") from None
+    missing = {"step", "world_size", "recipe_hash"} - set(marker)
+    if not isinstance(marker, dict) or missing:
+        raise CheckpointError(f"{marker_path}: not a completion marker (missing {missing})")
+    return marker
+
+
+# --- what a checkpoint records about the run ---------------------------------------------
+@dataclass(frozen=True)
+class RunInfo:
+    """What a checkpoint records besides the training state."""
+
+    compat: dict[str, dict[str, Any]]
+    """Must be equal to resume: ``architecture`` (HF config keys) and ``peft`` settings."""
+    recipe: dict[str, Any]
+    """The fully resolved recipe (its ``model`` section is diffed on resume)."""
+    write_assets: Callable[[Path], None] = field(repr=False)
+    """Rank 0 writes config, tokenizer and recipe into a checkpoint's ``hf_assets/``."""
+
+
+def describe_run(recipe: Recipe, model: nn.Module, tokenizer: Any) -> RunInfo:
+    """The compatibility record and asset writer of a run (cheap; no collective)."""
+    config = model.config.to_dict()
+    architecture = {key: config[key] for key in ARCHITECTURE_KEYS if key in config}
+    peft = recipe.model.peft
+    peft_info = {"peft_type": peft.peft_type}
+    shape_keys = PEFT_SHAPE_KEYS.get(peft.peft_type, ("rank", "num_virtual_tokens"))
+    peft_info.update({key: getattr(peft, key) for key in shape_keys})
+    recipe_dict = to_dict(recipe)
+
+    def write_assets(directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(directory)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        peft_configs = getattr(model, "peft_config", None)
+        if isinstance(peft_configs, dict) and peft_configs:
+            next(iter(peft_configs.values())).save_pretrained(directory)
+        (directory / RECIPE_FILE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+
+    return RunInfo({"architecture": architecture, "peft": peft_info}, recipe_dict, write_assets)
+
+
+def incompatibilities(
+    saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]
+) -> list[str]:
+    """``section.key: checkpoint X, this run Y`` for every compatibility key that differs."""
+    problems = []
+    for section in ("architecture", "peft"):
+        old, new = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                problems.append(
+                    f"{section} {key}: checkpoint {old.get(key)!r}, this run {new.get(key)!r}"
+                )
+    return problems
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two (nested) recipe dicts, with both values."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        old, new, name = saved.get(key), current.get(key), f"{prefix}{key}"
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes.extend(recipe_changes(old, new, f"{name}."))
+        elif old != new:
+            changes.append(f"{name}: {old!r} → {new!r}")
+    return changes
+
+
+# --- state that is not the trainer's: random number generators ------------------------
+def capture_rng() -> dict[str, Any]:
+    """This process's Python, NumPy and torch (CPU, and CUDA when present) RNG states."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class RngState(Stateful):
+    """RNG states under a per-rank key (DCP would keep one copy of identical keys).
+
+    ``source_rank`` picks whose states this rank restores: its own, or after resharding
+    ``rank % saved world size``. ``kinds`` limits the restored generators to those saved.
+    """
+
+    def __init__(self, source_rank: int, kinds: list[str] | None = None) -> None:
+        self.key = f"rank_{source_rank}"
+        self.kinds = kinds
+
+    def state_dict(self) -> dict[str, Any]:
+        state = capture_rng()
+        if self.kinds is not None:
+            state = {k: v for k, v in state.items() if k in self.kinds}
+        return {self.key: state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(state[self.key])
 
 
 class ModelOptimizerState(Stateful):
@@ -55,81 +344,355 @@ class ModelOptimizerState(Stateful):
         )
 
 
+# --- the manager ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SaveReport:
+    """What one ``save`` call cost the training loop."""
+
+    path: Path
+    blocked_s: float
+    """Seconds the caller was blocked, waiting for the previous save included."""
+    waited_s: float
+    """Of which waiting for the previous save to finish."""
+    asynchronous: bool
+
+
+@dataclass
+class _InFlight:
+    step: int
+    path: Path
+    future: Future
+
+
 class CheckpointManager:
-    """Saves every N steps and at the end, keeps the newest k, resumes the newest complete one."""
+    """Saves every N steps and at the end, keeps the newest k, resumes the newest complete one.
+
+    ``save`` checks once whether a save is due (and whether checkpointing is on at all:
+    ``save_top_k: 0`` or neither ``every_n_train_steps`` nor ``save_last`` turns it off);
+    callers never need to.
+    """
 
     def __init__(self, recipe: Recipe, env: DistEnv) -> None:
         exp = recipe.exp_manager
         self.recipe = recipe
         self.env = env
-        self.root = Path(exp.checkpoint_dir or Path(exp.exp_dir or ".") / "checkpoints")
+        self.root = checkpoint_root(recipe)
         self.params = exp.checkpoint_callback_params
         self.hash = recipe_hash(recipe)
+        self.enabled = self.params.save_top_k != 0 and (
+            self.params.every_n_train_steps > 0 or self.params.save_last
+        )
+        self.asynchronous = self.enabled and exp.async_checkpointing
+        self._last_step: int | None = None
+        self._in_flight: _InFlight | None = None
+        self._group = dist.new_group(backend="gloo") if self.asynchronous else None
+        self._finisher = (
+            ThreadPoolExecutor(1, thread_name_prefix="checkpoint-finish")
+            if self.asynchronous
+            else None
+        )
+        self._stager = staging_buffers(env.device) if self.asynchronous else None
+        export = exp.export_full_model
+        outputs = [self.root] if self.enabled else []
+        if export.save_last or export.every_n_train_steps:
+            outputs.append(export_root(recipe))
+        ensure_writable(outputs, env)
 
-    def should_save(self, step: int, final: bool) -> bool:
+    # --- saving -----------------------------------------------------------------------
+    def should_save(self, step: int, final: bool = False) -> bool:
+        if not self.enabled or step == self._last_step:
+            return False
         every = self.params.every_n_train_steps
-        return (final and self.params.save_last) or (every > 0 and step % every == 0 and not final)
+        return (every > 0 and step % every == 0) or (final and self.params.save_last)
 
-    def complete_checkpoints(self) -> list[tuple[int, Path]]:
-        found = []
-        if not self.root.is_dir():
-            return found
-        for path in self.root.iterdir():
-            match = STEP_DIR.match(path.name)
-            if not match:
-                continue
-            if (path / MARKER).is_file():
-                found.append((int(match.group(1)), path))
-            else:
-                log.warning("skipping incomplete checkpoint %s (no %s)", path, MARKER)
-        return sorted(found)
+    def save(
+        self,
+        step: int,
+        state: Callable[[], dict[str, Any]],
+        info: RunInfo,
+        *,
+        final: bool = False,
+    ) -> SaveReport | None:
+        """Save ``state()`` as ``step_<step>`` if a save is due; None if not.
 
-    def resume_path(self) -> Path | None:
-        exp = self.recipe.exp_manager
-        if exp.resume_from_checkpoint:
-            path = Path(exp.resume_from_checkpoint)
-            if not (path / MARKER).is_file():
-                raise CheckpointError(
-                    f"exp_manager.resume_from_checkpoint: {path} is not a complete checkpoint "
-                    f"(no {MARKER})"
-                )
-            return path
-        if not exp.auto_resume:
+        ``state`` is only called when a save is due. Asynchronous saves return once the state
+        is staged; the marker is written (and older checkpoints pruned) when the write ends.
+        """
+        if not self.should_save(step, final):
             return None
-        found = self.complete_checkpoints()
-        return found[-1][1] if found else None
+        start = time.monotonic()
+        waited = self.wait()
+        path = step_dir(self.root, step)
+        self._remove_stale(path)
+        snapshot = {**state(), RNG_KEY: RngState(self.env.rank)}
+        marker = self._marker(step, info)
+        if self.asynchronous:
+            self._in_flight = self._write_async(step, path, snapshot, marker, info)
+        else:
+            self._write(path, snapshot, marker, info)
+        self._last_step = step
+        return SaveReport(path, time.monotonic() - start, waited, self.asynchronous)
 
-    def load(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
-        """Load ``state`` in place from ``path``; returns the completion marker."""
-        marker = json.loads((path / MARKER).read_text())
-        dcp.load(state, checkpoint_id=str(path))
-        return marker
+    def _write(
+        self, path: Path, snapshot: dict[str, Any], marker: dict[str, Any], info: RunInfo
+    ) -> None:
+        try:
+            dcp.save(snapshot, checkpoint_id=str(path))
+            self._complete(path, marker, info)
+        except SAVE_ERRORS as exc:
+            raise CheckpointError(
+                f"saving checkpoint {path} failed: {exc}. The previous complete checkpoint "
+                f"in {self.root} is untouched"
+            ) from exc
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        path = self.root / f"step_{step}"
-        if self.env.is_main and path.exists():
-            shutil.rmtree(path)
-        dist.barrier()
-        dcp.save(state, checkpoint_id=str(path))
-        dist.barrier()
-        if self.env.is_main:
-            marker = {
-                "step": step,
-                "world_size": self.env.world_size,
-                "recipe_hash": self.hash,
-                "time": time.time(),
-            }
-            (path / MARKER).write_text(json.dumps(marker, indent=2))
-            self._prune()
-        dist.barrier()
-        return path
+    def _write_async(
+        self,
+        step: int,
+        path: Path,
+        snapshot: dict[str, Any],
+        marker: dict[str, Any],
+        info: RunInfo,
+    ) -> _InFlight:
+        """Stage a CPU copy (the only blocking part), then write and complete in the background."""
+        assert self._finisher is not None
+        started = time.monotonic()
+        future = dcp.async_save(
+            snapshot, checkpoint_id=str(path), process_group=self._group, async_stager=self._stager
+        )
+        finish = self._finisher.submit(self._finish_async, future, path, marker, info, started)
+        return _InFlight(step, path, finish)
 
-    def _prune(self) -> None:
-        keep = self.params.save_top_k
-        if keep <= 0:
-            return
-        for _, path in self.complete_checkpoints()[:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
+    def wait(self) -> float:
+        """Block until the save in flight is complete; CheckpointError (on every rank) if it
+        failed on any rank. Returns the seconds waited."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return 0.0
+        start = time.monotonic()
+        error: BaseException | None = None
+        try:
+            in_flight.future.result()
+        except SAVE_ERRORS as exc:
+            error = exc
+        if self._any_rank(error is not None):
+            detail = f": {error}" if error else " on another rank (see its log)"
+            raise CheckpointError(
+                f"saving checkpoint {in_flight.path} failed{detail}. The previous complete "
+                f"checkpoint in {self.root} is untouched; fix the cause and re-run to resume"
+            ) from error
+        return time.monotonic() - start
 
     def close(self) -> None:
-        """Wait for pending saves (none in the synchronous manager)."""
+        """Wait for the save in flight; stop the background thread."""
+        try:
+            self.wait()
+        finally:
+            if self._finisher is not None:
+                self._finisher.shutdown(wait=True)
+            if self._stager is not None:
+                self._stager.close()
+
+    def _marker(self, step: int, info: RunInfo) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "world_size": self.env.world_size,
+            "recipe_hash": self.hash,
+            "rng": sorted(capture_rng()),
+            "compat": info.compat,
+            "model": info.recipe["model"],
+        }
+
+    def _finish_async(
+        self, future: Future, path: Path, marker: dict[str, Any], info: RunInfo, start: float
+    ) -> None:
+        try:
+            future.result()
+            self._complete(path, marker, info)
+        except SAVE_ERRORS:
+            log.exception("rank %d: background save of %s failed", self.env.rank, path)
+            raise
+        if self.env.is_main:
+            log.info(
+                "checkpoint %s complete (%.2fs after the save began)",
+                path,
+                time.monotonic() - start,
+            )
+
+    def _complete(self, path: Path, marker: dict[str, Any], info: RunInfo) -> None:
+        """Rank 0, after every rank's shards are written: assets, then the marker, then prune.
+
+        DCP's save ends with a gather of every rank's write results on rank 0 (and raises
+        there if any rank failed), so rank 0 returning from it means all shards are on disk.
+        """
+        if not self.env.is_main:
+            return
+        info.write_assets(path / ASSETS)
+        marker = {**marker, "time": time.time()}
+        write_atomically(path / MARKER, json.dumps(marker, indent=2))
+        self._prune(newest=marker["step"])
+
+    def _remove_stale(self, path: Path) -> None:
+        """Delete a leftover ``step_<N>`` (from a crashed or abandoned run) before rewriting it."""
+        if self.env.is_main and path.exists():
+            log.warning("replacing existing checkpoint directory %s", path)
+            remove_checkpoint(path)
+        dist.barrier()
+
+    def _prune(self, newest: int) -> None:
+        """Keep the newest ``save_top_k`` complete checkpoints; drop incomplete older ones."""
+        complete, incomplete = scan(self.root)
+        doomed = [path for step, path in incomplete if step < newest]
+        keep = self.params.save_top_k
+        if keep > 0:
+            doomed += [path for _, path in complete[:-keep]]
+        for path in doomed:
+            log.info("removing old checkpoint %s (save_top_k=%d)", path, keep)
+            remove_checkpoint(path)
+
+    def _any_rank(self, flag: bool) -> bool:
+        tensor = torch.tensor([int(flag)], device=self.env.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    # --- resuming ---------------------------------------------------------------------
+    def resume_path(self) -> Path | None:
+        """The checkpoint this run starts from, if any.
+
+        ``resume_from_checkpoint`` inside this run's checkpoint dir (a roll-back) always wins.
+        One elsewhere (another run's) is where this run *starts*: once the run has complete
+        checkpoints of its own, ``auto_resume`` continues from those instead, so that a
+        restarted job never goes back to its starting point.
+        """
+        exp = self.recipe.exp_manager
+        own = newest_complete(self.root, warn=self.env.is_main) if exp.auto_resume else None
+        if not exp.resume_from_checkpoint:
+            return own
+        try:
+            given = resolve_checkpoint(Path(exp.resume_from_checkpoint))
+        except CheckpointError as exc:
+            raise CheckpointError(f"exp_manager.resume_from_checkpoint: {exc}") from None
+        if own is not None and given.resolve().parent != self.root.resolve():
+            if self.env.is_main:
+                log.info(
+                    "resume_from_checkpoint %s: this run has newer checkpoints of its "
+                    "own; continuing from %s",
+                    given,
+                    own,
+                )
+            return own
+        return given
+
+    def load(self, path: Path, state: dict[str, Any], info: RunInfo) -> dict[str, Any]:
+        """Load ``state`` in place from checkpoint ``path`` after checking that it fits this
+        run; also restores this rank's RNG states. Returns the completion marker."""
+        marker = read_marker(path)
+        problems = incompatibilities(marker.get("compat", {}), info.compat)
+        if problems:
+            raise CheckpointError(
+                f"can't resume from {path}: it was saved by a different model ("
+                + "; ".join(problems)
+                + "). Resume it with the recipe it was saved with, or start afresh with "
+                "exp_manager.auto_resume=false or another exp_manager.checkpoint_dir"
+            )
+        if self.env.is_main and marker["recipe_hash"] != self.hash:
+            changes = recipe_changes(marker.get("model", {}), info.recipe["model"], "model.")
+            log.info("resuming with a changed recipe: %s", "; ".join(changes) or "(unknown)")
+        source_rank = self.env.rank % int(marker["world_size"])
+        snapshot = {**state, RNG_KEY: RngState(source_rank, marker.get("rng"))}
+        try:
+            dcp.load(snapshot, checkpoint_id=str(path))
+        except SAVE_ERRORS as exc:
+            raise CheckpointError(f"{path}: can't load this checkpoint: {exc}") from exc
+        in_root = path.resolve().parent == self.root.resolve()
+        self._last_step = int(marker["step"]) if in_root else None
+        return marker
+
+
+def staging_buffers(device: torch.device) -> DefaultStager:
+    """The CPU copy async saves write from, kept between saves: re-staging into warm memory
+    is several times faster than allocating it anew (page faults dominate on CPU)."""
+    cuda = device.type == "cuda"
+    return DefaultStager(
+        StagingOptions(
+            use_pinned_memory=cuda,
+            use_shared_memory=False,
+            use_async_staging=False,
+            use_non_blocking_copy=cuda,
+        )
+    )
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file, fsync it, then rename it over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Marker first, so that a half-deleted directory reads as incomplete, never as complete."""
+    (path / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --- pretrained weights under FSDP2 ------------------------------------------------------
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with parameters on the meta device; buffers (rotary tables) stay real."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            module._parameters[name] = meta
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def build_pretrained_sharded(
+    load_full: Callable[[], nn.Module],
+    build_empty: Callable[[], nn.Module],
+    shard: Callable[[nn.Module], nn.Module],
+    env: DistEnv,
+) -> nn.Module:
+    """A sharded model with pretrained weights, holding one full copy (on rank 0) at most.
+
+    Rank 0 runs ``load_full`` (e.g. ``from_pretrained``); the other ranks run ``build_empty``
+    (same architecture) with parameters on the meta device. After ``shard`` (fully_shard),
+    they allocate only their shards and rank 0 broadcasts the weights, shard by shard.
+    """
+    if env.is_main:
+        model = load_full()
+        full_state = model.state_dict()
+    else:
+        with parameters_on_meta():
+            model = build_empty()
+        full_state = {}
+    model = shard(model)
+    if not env.is_main:
+        buffers = {name: buf.clone() for name, buf in model.named_buffers()}
+        model.to_empty(device=env.device)
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(buffers[name])
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
+    del full_state
+    with torch.no_grad():
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+    return model

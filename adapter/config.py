@@ -20,6 +20,8 @@ ShardingStrategy = Literal["full_shard", "hybrid_shard", "shard_grad_op", "no_sh
 PeftType = Literal[None, "lora", "qlora_4bit", "prefix_tuning", "p_tuning", "prompt_tuning"]
 DatasetType = Literal["prompt_response", "alpaca", "chat", "chatglm", "hf", "text"]
 SchedName = Literal["cosine", "linear", "constant"]
+PROMPT_LEARNING = ("prefix_tuning", "p_tuning", "prompt_tuning")
+"""PEFT methods that prepend virtual tokens to every sequence."""
 
 DURATION = re.compile(r"^\s*(\d+)\s*(ep|ba)\s*$")
 
@@ -212,6 +214,26 @@ class DataConfig:
             return [("train_dir", "is required (a file or directory), or set model.data.synthetic")]
         if self.synthetic is not None and self.train_dir is not None:
             return [("synthetic", "can't provide both train_dir and synthetic. Choose one.")]
+        return self._check_template()
+
+    def _check_template(self) -> list[tuple[str, str]]:
+        template = self.prompt_template
+        if template is None:
+            return []
+        if self.dataset_type != "prompt_response" and self.synthetic is None:
+            return [
+                (
+                    "prompt_template",
+                    f"applies to dataset_type=prompt_response only (this is "
+                    f"{self.dataset_type}, which has its own template); remove it",
+                )
+            ]
+        try:
+            template.format(prompt="")
+        except (KeyError, IndexError, ValueError) as exc:
+            return [("prompt_template", f"{template!r} isn't a valid template ({exc!r})")]
+        if "{prompt}" not in template:
+            return [("prompt_template", f"{template!r} has no {{prompt}} placeholder")]
         return []
 
 
@@ -291,6 +313,23 @@ class ModelConfig:
                 (
                     "hidden_size",
                     f"{self.hidden_size} is not divisible by num_attention_heads={heads}",
+                )
+            )
+        peft_type = self.peft.peft_type
+        if peft_type in PROMPT_LEARNING and self.data.packing:
+            problems.append(
+                (
+                    "peft.peft_type",
+                    f"{peft_type} prepends virtual tokens to every sequence and can't be "
+                    "combined with model.data.packing=true; choose one",
+                )
+            )
+        if peft_type == "qlora_4bit" and self.hf_model_name_or_path is None:
+            problems.append(
+                (
+                    "peft.peft_type",
+                    "qlora_4bit quantizes pretrained weights as they load: set "
+                    "model.hf_model_name_or_path",
                 )
             )
         if self.hf_model_name_or_path is None and self.num_hidden_layers is None:

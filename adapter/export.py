@@ -1,25 +1,292 @@
-"""Export the trained model as a Hugging Face directory (safetensors + config + tokenizer)."""
+"""Export a trained model as a Hugging Face directory; ``python -m adapter.export`` for checkpoints.
+
+The directory holds safetensors (sharded above ``max_shard_size``), ``config.json``,
+``generation_config.json``, the tokenizer and the resolved ``recipe.yaml`` (whose prompt
+template ``python -m adapter.generate`` applies). PEFT runs write the adapter
+(``adapter_model.safetensors`` + ``adapter_config.json``) and, with
+``exp_manager.export_full_model.merge_peft``, the merged model in ``merged/``.
+
+Both paths — the end of training and a DCP checkpoint on disk — go through the same steps:
+the full state dict (on rank 0 only) is loaded into a plain CPU model built with its
+parameters on the meta device (no second copy), cast to the export dtype and saved with
+``save_pretrained`` (which drops tied duplicates and writes the original weight layout).
+
+Usage: ``python -m adapter.export <checkpoint dir> <out dir> [--dtype bf16] [--merge-peft]``
+"""
 
 from __future__ import annotations
 
+import argparse
+import copy
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from adapter.checkpoint import (
+    ASSETS,
+    RECIPE_FILE,
+    CheckpointError,
+    parameters_on_meta,
+    read_marker,
+    resolve_checkpoint,
+)
+from adapter.config import Recipe, load_recipe
 from adapter.distributed import DistEnv
+from adapter.schema import ConfigError, to_dict
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
+MAX_SHARD_SIZE = "5GB"
+MERGED_DIR = "merged"
+LORA_TYPES = ("lora", "qlora_4bit")
 
 
-def export_hf(model: nn.Module, tokenizer: Any, out_dir: Path, env: DistEnv) -> None:
-    """Gather the full state dict to CPU on every rank's call; rank 0 writes ``out_dir``."""
+@dataclass
+class ExportSource:
+    """Everything an export needs, detached from the training job."""
+
+    state: dict[str, torch.Tensor]
+    """Full (unsharded) model state dict on CPU, with the training model's FQNs."""
+    config: Any
+    """The model's ``PretrainedConfig``."""
+    generation_config: Any | None
+    tokenizer: Any
+    recipe: Recipe
+    peft_config: Any | None = None
+    """The ``peft`` config of a PEFT run; None for full fine-tuning."""
+
+
+def export_dtype(recipe: Recipe, override: str | None = None) -> torch.dtype:
+    """``override``, else ``export_full_model.dtype``, else the training precision."""
+    name = override or recipe.exp_manager.export_full_model.dtype
+    return DTYPES[name] if name else PRECISION_DTYPES[recipe.trainer.precision]
+
+
+# --- from the training job ----------------------------------------------------------------
+def export_model(
+    model: nn.Module, tokenizer: Any, recipe: Recipe, env: DistEnv, out_dir: Path
+) -> Path:
+    """Collective: gather the full state on rank 0 (CPU), which writes ``out_dir``."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
-        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        peft_configs = getattr(model, "peft_config", None) if recipe.model.peft.peft_type else None
+        source = ExportSource(
+            state=state,
+            config=copy.deepcopy(model.config),
+            generation_config=copy.deepcopy(getattr(model, "generation_config", None)),
+            tokenizer=tokenizer,
+            recipe=recipe,
+            peft_config=copy.deepcopy(next(iter(peft_configs.values()))) if peft_configs else None,
+        )
+        write_export(source, out_dir, export_dtype(recipe))
+    del state
     dist.barrier()
+    return out_dir
+
+
+# --- from a checkpoint on disk --------------------------------------------------------
+def load_checkpoint_source(checkpoint: Path) -> ExportSource:
+    """The model state and assets of a complete checkpoint, loaded in this process."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    path = resolve_checkpoint(checkpoint)
+    read_marker(path)
+    assets = path / ASSETS
+    recipe_path = assets / RECIPE_FILE
+    if not recipe_path.is_file():
+        raise CheckpointError(f"{path}: no {ASSETS}/{RECIPE_FILE}; it can't be exported alone")
+    try:
+        recipe = load_recipe(yaml.safe_load(recipe_path.read_text()) or {}, str(recipe_path))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    remote = recipe.model.trust_remote_code
+    config = AutoConfig.from_pretrained(assets, trust_remote_code=remote)
+    generation = (
+        GenerationConfig.from_pretrained(assets)
+        if (assets / "generation_config.json").is_file()
+        else None
+    )
+    peft_config = None
+    if (assets / "adapter_config.json").is_file():
+        from peft import PeftConfig
+
+        peft_config = PeftConfig.from_pretrained(assets)
+    source = ExportSource({}, config, generation, None, recipe, peft_config)
+    model = build_cpu_model(source, materialize=False)
+    template = {
+        name: torch.empty(tensor.shape, dtype=tensor.dtype)
+        for name, tensor in model.state_dict().items()
+    }
+    wrapped = {"app": {"model": template}}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(wrapped, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    source.state = wrapped["app"]["model"]
+    source.tokenizer = AutoTokenizer.from_pretrained(assets, trust_remote_code=remote)
+    return source
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    out_dir: Path,
+    dtype: str | None = None,
+    merge_peft: bool | None = None,
+    max_shard_size: str = MAX_SHARD_SIZE,
+) -> Path:
+    """Convert a complete checkpoint to a Hugging Face directory (``python -m adapter.export``)."""
+    source = load_checkpoint_source(checkpoint)
+    write_export(source, out_dir, export_dtype(source.recipe, dtype), merge_peft, max_shard_size)
+    return out_dir
+
+
+# --- writing --------------------------------------------------------------------------
+def build_cpu_model(source: ExportSource, materialize: bool = True) -> nn.Module:
+    """A plain CPU model (a PeftModel for PEFT runs) with ``source.state`` as its weights.
+
+    Parameters are created on the meta device and then assigned the state's tensors, so the
+    model shares the state's memory. ``materialize=False`` returns the empty skeleton.
+    """
+    from transformers import AutoModelForCausalLM
+
+    remote = source.recipe.model.trust_remote_code
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(source.config, trust_remote_code=remote)
+    if source.generation_config is not None:
+        model.generation_config = copy.deepcopy(source.generation_config)
+    if source.peft_config is not None:
+        from peft import get_peft_model
+
+        peft_config = copy.deepcopy(source.peft_config)
+        peft_config.inference_mode = False
+        model = get_peft_model(model, peft_config)
+    if not materialize:
+        return model
+    result = model.load_state_dict(source.state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if empty or result.unexpected_keys:
+        raise CheckpointError(
+            f"the saved weights don't fit a {type(model).__name__} built from the config: "
+            f"missing {empty[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return model.eval()
+
+
+def write_export(
+    source: ExportSource,
+    out_dir: Path,
+    dtype: torch.dtype,
+    merge_peft: bool | None = None,
+    max_shard_size: str = MAX_SHARD_SIZE,
+) -> None:
+    """Write the Hugging Face directory (this process only: rank 0 in a job)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = build_cpu_model(source)
+    tokenizer = source.tokenizer
+    set_special_token_ids(model, tokenizer)
+    recipe_text = yaml.safe_dump(to_dict(source.recipe), sort_keys=False)
+    if source.peft_config is None:
+        save_full(model, tokenizer, out_dir, dtype, max_shard_size, recipe_text)
+        return
+    adapter_state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    model.save_pretrained(out_dir, state_dict=adapter_state, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / RECIPE_FILE).write_text(recipe_text)
+    merge = (
+        source.recipe.exp_manager.export_full_model.merge_peft if merge_peft is None else merge_peft
+    )
+    peft_type = source.recipe.model.peft.peft_type
+    if merge and peft_type not in LORA_TYPES:
+        log.warning(
+            "merge_peft: %s has no weights to fold into the model; wrote the adapter only",
+            peft_type,
+        )
+    elif merge:
+        merged = model.merge_and_unload()
+        save_full(merged, tokenizer, out_dir / MERGED_DIR, dtype, max_shard_size, recipe_text)
+
+
+def save_full(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: Path,
+    dtype: torch.dtype,
+    max_shard_size: str,
+    recipe_text: str,
+) -> None:
+    model = model.to(dtype)
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / RECIPE_FILE).write_text(recipe_text)
+
+
+def set_special_token_ids(model: nn.Module, tokenizer: Any) -> None:
+    """Make config and generation config use the tokenizer's BOS/EOS/PAD ids (so that
+    ``generate`` stops at the EOS the model was trained with)."""
+    targets = [model.config, getattr(model, "generation_config", None)]
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is None:
+            continue
+        for target in targets:
+            if target is not None:
+                setattr(target, name, value)
+
+
+# --- command line ---------------------------------------------------------------------
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m adapter.export",
+        description="Convert a complete DCP checkpoint to a Hugging Face model directory.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a step_<N> dir (or a dir holding them)")
+    parser.add_argument("out_dir", type=Path, help="where to write the Hugging Face model")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the recipe's")
+    parser.add_argument(
+        "--merge-peft",
+        action="store_true",
+        default=None,
+        help="PEFT runs: also write the merged model to <out_dir>/merged",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default=MAX_SHARD_SIZE,
+        help=f"largest safetensors file (default {MAX_SHARD_SIZE})",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        out = export_checkpoint(
+            args.checkpoint, args.out_dir, args.dtype, args.merge_peft, args.max_shard_size
+        )
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    marker = read_marker(resolve_checkpoint(args.checkpoint))
+    print(f"exported step {marker['step']} of {args.checkpoint} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,17 +16,35 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from adapter.checkpoint import CheckpointManager, ModelOptimizerState
+from adapter.checkpoint import (
+    CheckpointManager,
+    ModelOptimizerState,
+    describe_run,
+    export_root,
+)
 from adapter.config import Recipe, parse_duration
-from adapter.data.dataset import DataStats, load_rows, segment_texts, tokenize_rows
+from adapter.data.dataset import DataStats, RawData, build_datasets, data_report, load_raw
 from adapter.data.formats import IGNORE_INDEX, Sample
-from adapter.data.loader import Batch, GlobalBatchSampler, eval_batches, pad_batch
+from adapter.data.loader import (
+    Batch,
+    GlobalBatchSampler,
+    PackedAttention,
+    eval_batches,
+    pad_batch,
+)
 from adapter.distributed import DistEnv, all_reduce_sum, init_distributed
-from adapter.export import export_hf
+from adapter.export import export_model
 from adapter.metrics import MetricsLogger, flops_per_token, peak_flops
-from adapter.models import build_model, count_parameters, decoder_layers, family_of
+from adapter.models import (
+    build_model,
+    check_packing,
+    count_parameters,
+    decoder_layers,
+    resolve_family,
+)
 from adapter.optim import build_optimizer, build_scheduler
 from adapter.parallel import build_mesh, parallelize
+from adapter.peft import apply_peft, check_peft, load_kwargs
 from adapter.tokenizer import load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,7 +78,10 @@ def forward(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tenso
         inputs["attention_mask"] = batch.attention_mask.to(device)
     if batch.position_ids is not None:
         inputs["position_ids"] = batch.position_ids.to(device)
+    # use_cache=False also lets HF confine attention by packed position ids.
     logits = model(**inputs, use_cache=False).logits
+    # Prompt/p-tuning prepend virtual tokens: the last len(input_ids) positions are the input's.
+    logits = logits[:, -batch.input_ids.shape[1] :]
     return sum_cross_entropy(logits, batch.labels.to(device))
 
 
@@ -100,34 +121,51 @@ class Trainer:
     # --- set-up -----------------------------------------------------------------------
     def _tokenizer_and_data(self) -> Any:
         model = self.recipe.model
-        train_rows, val_rows, self.stats = load_rows(model.data, model.seed, str(self.exp_dir))
         tokenizer = load_tokenizer(model)
+        raw = load_raw(model.data, model.seed, str(self.exp_dir), tokenizer)
+        if tokenizer is None:
+            tokenizer = self._saved_or_trained_tokenizer(raw)
+        data = build_datasets(
+            raw,
+            tokenizer,
+            model.data,
+            model.max_context_width,
+            model.train_batch_size,
+            model.seed,
+        )
+        self.train_set: list[Sample] = data.train
+        self.val_set: list[Sample] = data.val
+        self.stats = data.stats
+        return tokenizer
+
+    def _saved_or_trained_tokenizer(self, raw: RawData) -> Any:
+        """The tokenizer this run trained before (resume), else one trained on the data."""
         saved = self.exp_dir / "tokenizer"
-        if tokenizer is None and (saved / "tokenizer.json").is_file():
+        if (saved / "tokenizer.json").is_file():
             from transformers import PreTrainedTokenizerFast
 
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(saved)
-        if tokenizer is None:
-            tokenizer = train_tokenizer(segment_texts(train_rows), model.vocab_size or 1024)
-            dist.barrier()
-            if self.env.is_main:
-                tokenizer.save_pretrained(saved)
-        width = model.max_context_width
-        self.train_set: list[Sample] = tokenize_rows(
-            train_rows, tokenizer, width, self.stats, model.data.train_dir or "synthetic"
-        )
-        self.val_set: list[Sample] = (
-            tokenize_rows(val_rows, tokenizer, width, self.stats, model.data.val_dir or "val")
-            if val_rows
-            else []
-        )
+            return PreTrainedTokenizerFast.from_pretrained(saved)
+        tokenizer = train_tokenizer(raw.texts(), self.recipe.model.vocab_size or 1024)
+        dist.barrier()
+        if self.env.is_main:
+            tokenizer.save_pretrained(saved)
         return tokenizer
 
     def _build_model(self) -> nn.Module:
         model_cfg = self.recipe.model
-        model = build_model(model_cfg, vocab_size=len(self.tokenizer))
-        self.num_params = count_parameters(model)[1]
-        layers = decoder_layers(model, family_of(model_cfg))
+        self.family = resolve_family(model_cfg)
+        check_packing(self.family, model_cfg.data.packing)
+        check_peft(model_cfg, self.env.device)
+        tok = self.tokenizer
+        special = {
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+        }
+        model = build_model(model_cfg, len(tok), special, load_kwargs(model_cfg, self.env.device))
+        model = apply_peft(model, model_cfg)
+        self.num_trainable, self.num_params = count_parameters(model)
+        layers = decoder_layers(model, self.family)
         self.num_layers = len(layers)
         self.hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else 0
         mesh = build_mesh(self.recipe, self.env.device.type)
@@ -142,12 +180,13 @@ class Trainer:
         return trainer.max_epochs * self.sampler.steps_per_epoch
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Everything a run needs to continue exactly (DCP-stateful objects and plain data)."""
+        """Everything a run needs to continue exactly, as DCP ``Stateful`` objects (loaded in
+        place). The checkpoint manager adds each rank's RNG states."""
         return {
             "app": ModelOptimizerState(self.model, self.optimizer),
-            "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "train": self.state.state_dict(),
+            "scheduler": self.scheduler,
+            "sampler": self.sampler,
+            "train": self.state,
         }
 
     # --- the loop ---------------------------------------------------------------------
@@ -169,14 +208,13 @@ class Trainer:
                 window_tokens, window_start = 0, time.monotonic()
             if eval_every and step % eval_every == 0 and step != self.total_steps:
                 self.evaluate()
-            if self.checkpoints.should_save(step, final=False):
-                self._save(step)
+            self._save(step)
+            self._export(step)
         if self.val_set:
             self.evaluate()
-        if self.checkpoints.should_save(self.state.step, final=True):
-            self._save(self.state.step)
+        self._save(self.state.step, final=True)
         self.checkpoints.close()
-        self._export()
+        self._export(self.state.step, final=True)
         self.metrics.info(f"trained {self.total_steps} steps in {time.monotonic() - start:.1f}s")
         self._show_samples()
         self.metrics.close()
@@ -219,6 +257,7 @@ class Trainer:
                 self.env.world_size,
                 self.tokenizer.pad_token_id,
                 limit,
+                self._packed_attention,
             )
         )
         # Every rank must run the same number of forwards (FSDP all-gathers per forward).
@@ -240,7 +279,12 @@ class Trainer:
 
     # --- helpers ----------------------------------------------------------------------
     def _batch(self, indices: list[int]) -> Batch:
-        return pad_batch([self.train_set[i] for i in indices], self.tokenizer.pad_token_id)
+        samples = [self.train_set[i] for i in indices]
+        return pad_batch(samples, self.tokenizer.pad_token_id, None, self._packed_attention)
+
+    @property
+    def _packed_attention(self) -> PackedAttention:
+        return self.family.packing or "position_ids"
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -282,27 +326,42 @@ class Trainer:
         path = self.checkpoints.resume_path()
         if path is None:
             return
-        state = self.checkpoint_state()
-        marker = self.checkpoints.load(path, state)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.state.load_state_dict(state["train"])
+        info = describe_run(self.recipe, self.model, self.tokenizer)
+        marker = self.checkpoints.load(path, self.checkpoint_state(), info)
+        self.metrics.info(f"resumed from checkpoint {path} at step {self.state.step}")
+        saved_world = int(marker["world_size"])
+        if saved_world != self.env.world_size:
+            self.metrics.info(
+                f"resharded checkpoint from world size {saved_world} to {self.env.world_size} "
+                "(model and optimizer state)"
+            )
+
+    def _save(self, step: int, final: bool = False) -> None:
+        if not self.checkpoints.should_save(step, final):
+            return
+        info = describe_run(self.recipe, self.model, self.tokenizer)
+        report = self.checkpoints.save(step, self.checkpoint_state, info, final=final)
+        if report is None:
+            return
+        how = "async, writing in the background" if report.asynchronous else "sync"
         self.metrics.info(
-            f"resumed from {path} at step {self.state.step} (saved by world size "
-            f"{marker['world_size']}, now {self.env.world_size})"
+            f"saved checkpoint {report.path} ({how}; training blocked {report.blocked_s:.3f}s, "
+            f"{report.waited_s:.3f}s of it waiting for the previous save)"
         )
 
-    def _save(self, step: int) -> None:
-        path = self.checkpoints.save(step, self.checkpoint_state())
-        self.metrics.info(f"saved checkpoint {path}")
-
-    def _export(self) -> None:
+    def _export(self, step: int, final: bool = False) -> None:
+        """The final Hugging Face export, and every ``export_full_model.every_n_train_steps``
+        steps one into ``<exp_dir>/exports/step_<N>``."""
         export = self.recipe.exp_manager.export_full_model
-        if not export.save_last:
+        every = export.every_n_train_steps
+        if final and export.save_last:
+            out = export_root(self.recipe)
+        elif not final and every and step % every == 0:
+            out = self.exp_dir / "exports" / f"step_{step}"
+        else:
             return
-        out = Path(export.output_dir or self.exp_dir / "hf_model")
-        export_hf(self.model, self.tokenizer, out, self.env)
-        self.metrics.info(f"exported Hugging Face model to {out}")
+        export_model(self.model, self.tokenizer, self.recipe, self.env, out)
+        self.metrics.info(f"exported Hugging Face model (step {step}) to {out}")
 
     def _report_setup(self) -> None:
         stats, recipe = self.stats, self.recipe
@@ -313,12 +372,14 @@ class Trainer:
             f"global batch {self.sampler.global_batch} = micro {recipe.model.train_batch_size} × "
             f"{self.env.world_size} ranks × {recipe.grad_accum_steps} accumulation"
         )
-        if stats.truncated:
+        if recipe.model.peft.peft_type:
+            share = 100 * self.num_trainable / self.num_params
             self.metrics.info(
-                f"truncated {stats.truncated} samples to {recipe.model.max_context_width} tokens"
+                f"{recipe.model.peft.peft_type}: {self.num_trainable:,} trainable of "
+                f"{self.num_params:,} parameters ({share:.2f}%)"
             )
-        if stats.skipped_rows:
-            self.metrics.info(f"skipped {stats.skipped_rows} bad rows (model.data.skip_bad_rows)")
+        for line in data_report(stats, recipe.model.data.packing, recipe.model.max_context_width):
+            self.metrics.info(line)
         if not self.val_set:
             self.metrics.info("no validation data (model.data.val_dir / val_split): no eval")
 
@@ -330,13 +391,17 @@ class Trainer:
         self.metrics.info("sample completions:")
         self.model.eval()
         for sample in rows:
-            prompt_len = next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)
+            labels = enumerate(sample.labels)
+            prompt_len = next((i for i, label in labels if label != IGNORE_INDEX), 0)
+            if prompt_len < 2:  # no prompt (text, pre-tokenized): continue the first tokens
+                prompt_len = min(16, len(sample.input_ids) // 2)
             prompt = sample.input_ids[:prompt_len]
             completion = greedy_complete(
                 self.model, prompt, self.tokenizer.eos_token_id, 12, self.env.device
             )
             decode = self.tokenizer.decode
-            expected = decode(sample.input_ids[prompt_len:], skip_special_tokens=True)
+            rest = sample.input_ids[prompt_len : prompt_len + 24]
+            expected = decode(rest, skip_special_tokens=True)
             self.metrics.info(
                 f"  {decode(prompt, skip_special_tokens=True)!r} → "
                 f"{decode(completion, skip_special_tokens=True)!r} (expected {expected!r})"

@@ -28,6 +28,13 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+from adapter.schema import ConfigError, parse
+from launcher.__main__ import main as launcher_cli
+from launcher.backends.k8s import K8sBackend, K8sCluster, state_from_conditions
+from launcher.job import Job, plan
+from launcher.launch import launch
+from tests.conftest import check_reference
 from tests.services.k8s_emulator import (
     CONFIGMAPS,
     PODS,
@@ -37,13 +44,6 @@ from tests.services.k8s_emulator import (
     manifest_errors,
     write_kubeconfig,
 )
-
-from adapter.schema import ConfigError, parse
-from launcher.__main__ import main as launcher_cli
-from launcher.backends.k8s import K8sBackend, K8sCluster, state_from_conditions
-from launcher.job import Job, plan
-from launcher.launch import launch
-from tests.conftest import check_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(__file__).parent / "reference" / "k8s"

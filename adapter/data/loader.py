@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from adapter.data.formats import IGNORE_INDEX, Sample
+
+PackedAttention = Literal["position_ids", "block_mask"]
+"""How a model confines attention to each packed sample (see ``ModelFamily.packing``)."""
 
 
 @dataclass
@@ -21,11 +25,19 @@ class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor | None
+    """(B, L) padding mask; (B, 1, L, L) additive block mask; None for packed position ids."""
     position_ids: torch.Tensor | None
+    """Positions restarting at each packed sample; None = 0..L-1."""
     num_tokens: int
     """Non-pad tokens in the batch."""
     num_label_tokens: int
     """Tokens that count in the loss (labels shifted by one)."""
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The seeded order of an epoch (the same on every rank)."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(num_samples, generator=generator).tolist()
 
 
 class GlobalBatchSampler:
@@ -63,8 +75,7 @@ class GlobalBatchSampler:
     def _permutation(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.num_samples))
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_samples, generator=generator).tolist()
+        return epoch_permutation(self.num_samples, self.seed, epoch)
 
     def next_step(self) -> list[list[int]]:
         """This rank's micro-batches (lists of indices) for the next optimizer step."""
@@ -86,8 +97,19 @@ class GlobalBatchSampler:
         self.step_in_epoch = state["step_in_epoch"]
 
 
-def pad_batch(samples: list[Sample], pad_id: int, pad_to: int | None = None) -> Batch:
-    """Right-pad samples to the longest one (or ``pad_to``)."""
+def pad_batch(
+    samples: list[Sample],
+    pad_id: int,
+    pad_to: int | None = None,
+    packed_attention: PackedAttention = "position_ids",
+) -> Batch:
+    """Right-pad samples to the longest one (or ``pad_to``).
+
+    Plain samples get a 2-D padding mask. Packed sequences (``seq_lens``) get position ids
+    restarting at each part (the padding is one more part) and, by ``packed_attention``,
+    no mask (the model confines attention by position ids: HF sdpa/flash varlen) or a 4-D
+    additive block-diagonal causal mask.
+    """
     length = pad_to or max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
@@ -97,21 +119,52 @@ def pad_batch(samples: list[Sample], pad_id: int, pad_to: int | None = None) -> 
         ids[row, :n] = torch.tensor(sample.input_ids)
         labels[row, :n] = torch.tensor(sample.labels)
         mask[row, :n] = 1
-    return Batch(
-        input_ids=ids,
-        labels=labels,
-        attention_mask=mask,
-        position_ids=None,
-        num_tokens=int(mask.sum()),
-        num_label_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-    )
+    num_tokens = int(mask.sum())
+    num_label_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if all(s.seq_lens is None for s in samples):
+        return Batch(ids, labels, mask, None, num_tokens, num_label_tokens)
+    parts = torch.stack([_part_ids(s, length) for s in samples])
+    positions = torch.stack([_positions(s, length) for s in samples])
+    attention = block_causal_mask(parts) if packed_attention == "block_mask" else None
+    return Batch(ids, labels, attention, positions, num_tokens, num_label_tokens)
+
+
+def _lengths(sample: Sample, length: int) -> list[int]:
+    """Part lengths of a row: its samples, then the padding as one more part."""
+    parts = list(sample.seq_lens or [len(sample.input_ids)])
+    pad = length - sum(parts)
+    return [*parts, pad] if pad else parts
+
+
+def _positions(sample: Sample, length: int) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in _lengths(sample, length)])
+
+
+def _part_ids(sample: Sample, length: int) -> torch.Tensor:
+    lengths = torch.tensor(_lengths(sample, length))
+    return torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+
+
+def block_causal_mask(parts: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) additive mask: 0 where query and key share a part and key ≤ query."""
+    length = parts.shape[1]
+    causal = torch.ones((length, length), dtype=torch.bool).tril()
+    allowed = (parts[:, :, None] == parts[:, None, :]) & causal
+    blocked = torch.zeros(allowed.shape, dtype=torch.float32)
+    return blocked.masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]
 
 
 def eval_batches(
-    samples: list[Sample], micro_batch: int, rank: int, world_size: int, pad_id: int, limit: int = 0
+    samples: list[Sample],
+    micro_batch: int,
+    rank: int,
+    world_size: int,
+    pad_id: int,
+    limit: int = 0,
+    packed_attention: PackedAttention = "position_ids",
 ) -> Iterator[Batch]:
     """This rank's strided share of the validation set, in micro-batches."""
     mine = samples[rank::world_size]
     starts = range(0, len(mine), micro_batch)
     for start in starts[:limit] if limit else starts:
-        yield pad_batch(mine[start : start + micro_batch], pad_id)
+        yield pad_batch(mine[start : start + micro_batch], pad_id, None, packed_attention)

@@ -1,0 +1,184 @@
+"""Packing: deterministic bins, boundaries masked, and packed losses equal unpacked ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapter.config import DataConfig, ModelConfig
+from adapter.data.dataset import Datasets, build_datasets, load_raw
+from adapter.data.formats import IGNORE_INDEX, Sample
+from adapter.data.loader import Batch, GlobalBatchSampler, pad_batch
+from adapter.data.packing import concat_samples, pack, pack_bins, padding_share
+from adapter.models import FAMILIES, build_model
+from adapter.trainer import forward
+from tests.adapter_helpers import FAMILY_ARCH, char_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+NATIVE = ["llama", "mistral", "mixtral", "qwen2", "glm", "gpt2", "mpt"]
+
+
+def sample(ids: list[int], prompt: int) -> Sample:
+    return Sample(ids, [IGNORE_INDEX] * prompt + ids[prompt:])
+
+
+def test_best_fit_decreasing_bins() -> None:
+    assert pack_bins([5, 3, 8, 2, 6], 8) == [[2], [4, 3], [0, 1]]
+    lengths = [(7 * i) % 13 + 1 for i in range(50)]
+    bins = pack_bins(lengths, 16)
+    assert sorted(i for b in bins for i in b) == list(range(50))
+    assert all(sum(lengths[i] for i in b) <= 16 for b in bins)
+    assert bins == pack_bins(lengths, 16)
+    with pytest.raises(ValueError, match="17 tokens doesn't fit in 16"):
+        pack_bins([3, 17], 16)
+
+
+def test_concat_masks_each_samples_first_label() -> None:
+    packed = concat_samples([sample([1, 5, 6], 1), sample([1, 7, 8, 9], 2)])
+    assert packed.input_ids == [1, 5, 6, 1, 7, 8, 9]
+    assert packed.labels == [-100, 5, 6, -100, -100, 8, 9]
+    assert packed.seq_lens == [3, 4]
+
+
+def test_packed_batch_positions_restart_and_padding_is_its_own_part() -> None:
+    rows = [
+        concat_samples([sample([1, 5], 0), sample([1, 6, 7], 0)]),
+        concat_samples([sample([1, 8], 0)]),
+    ]
+    batch = pad_batch(rows, pad_id=0)
+    assert batch.position_ids.tolist() == [[0, 1, 0, 1, 2], [0, 1, 0, 1, 2]]
+    assert batch.attention_mask is None  # the model confines attention by position ids
+    assert batch.input_ids.tolist() == [[1, 5, 1, 6, 7], [1, 8, 0, 0, 0]]
+    assert batch.labels.tolist() == [[-100, 5, -100, 6, 7], [-100, 8, -100, -100, -100]]
+    assert (batch.num_tokens, batch.num_label_tokens) == (7, 4)
+    mask = pad_batch(rows, 0, packed_attention="block_mask").attention_mask
+    allowed = (mask == 0).squeeze(1).int().tolist()
+    assert allowed[0] == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 1, 1, 1],
+    ]
+    assert allowed[1][3] == [0, 0, 1, 1, 0]  # padding attends to padding only
+
+
+def test_padding_share() -> None:
+    # micro-batches [2, 4] (2 pad of 8) and [4, 4]: 2 of 16 tokens are padding
+    assert padding_share([2, 4, 4, 4], 2, [0, 1, 2, 3]) == 0.125
+    lengths = [(7 * i) % 29 + 2 for i in range(200)]
+    packed = [len(s.input_ids) for s in pack([Sample([1] * n, [1] * n) for n in lengths], 64)]
+    assert padding_share(packed, 4, list(range(len(packed)))) < 0.05
+    assert padding_share(lengths, 4, list(range(200))) > 0.3
+
+
+def fixture_sets(tmp_path: Path, packing: bool) -> tuple[Datasets, object]:
+    tok = char_tokenizer()
+    cfg = DataConfig(
+        train_dir=str(FIXTURES / "prompt_response.jsonl"),
+        prompt_template="{prompt}=",
+        packing=packing,
+    )
+    raw = load_raw(cfg, seed=0, exp_dir=str(tmp_path), tokenizer=tok)
+    return build_datasets(raw, tok, cfg, max_len=32, micro_batch=2, seed=0), tok
+
+
+def test_packing_at_build_time_is_deterministic_and_keeps_every_token(tmp_path: Path) -> None:
+    plain, _ = fixture_sets(tmp_path, packing=False)
+    packed, _ = fixture_sets(tmp_path, packing=True)
+    again, _ = fixture_sets(tmp_path, packing=True)
+    assert [s.input_ids for s in packed.train] == [s.input_ids for s in again.train]
+    assert sum(len(s.input_ids) for s in packed.train) == sum(len(s.input_ids) for s in plain.train)
+    assert len(packed.train) < len(plain.train)
+    assert packed.stats.sequences == len(packed.train) and packed.stats.samples == 8
+
+
+def test_sampler_over_packed_sequences_resumes_exactly() -> None:
+    lengths = [(5 * i) % 11 + 2 for i in range(40)]
+    sequences = pack([Sample([1] * n, [1] * n) for n in lengths], 16)
+
+    def sampler() -> GlobalBatchSampler:
+        return GlobalBatchSampler(len(sequences), 4, 2, rank=1, world_size=2, seed=3)
+
+    first = sampler()
+    steps = [first.next_step() for _ in range(7)]
+    resumed = sampler()
+    probe = sampler()
+    for _ in range(4):
+        probe.next_step()
+    resumed.load_state_dict(probe.state_dict())
+    assert [resumed.next_step() for _ in range(3)] == steps[4:]
+
+
+# --- packed forward == unpacked forward, per sample, for every family ---------------------
+SAMPLES = [
+    sample([1, 10, 11, 12, 13, 14], 3),
+    sample([1, 20, 21, 22, 23, 24, 25, 26, 27], 4),
+    sample([1, 30, 31, 32], 1),
+    sample([1, 40, 41, 42, 43], 2),
+]
+
+
+def tiny_model(family: str) -> torch.nn.Module:
+    cfg = ModelConfig(model_type=family, seed=0, **FAMILY_ARCH[family])
+    special = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    return build_model(cfg, vocab_size=64, special_tokens=special).eval()
+
+
+def token_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    inputs = {"input_ids": batch.input_ids, "use_cache": False}
+    if batch.attention_mask is not None:
+        inputs["attention_mask"] = batch.attention_mask
+    if batch.position_ids is not None:
+        inputs["position_ids"] = batch.position_ids
+    logits = model(**inputs).logits
+    flat = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), reduction="none"
+    )
+    return flat.view(batch.labels.shape[0], -1)
+
+
+def per_sample_losses(model: torch.nn.Module, rows: list[Sample], mode: str) -> list[float]:
+    """Summed loss of each packed part, read from one packed forward."""
+    losses = token_losses(model, pad_batch(rows, 0, packed_attention=mode))
+    out = []
+    for row, packed in enumerate(rows):
+        start = 0
+        for n in packed.seq_lens or [len(packed.input_ids)]:
+            # positions start..start+n-2 predict this part's labels start+1..start+n-1
+            out.append(float(losses[row, start : start + n - 1].sum()))
+            start += n
+    return out
+
+
+@pytest.mark.parametrize("family", NATIVE)
+def test_packed_losses_equal_unpacked_losses(family: str) -> None:
+    model = tiny_model(family)
+    mode = FAMILIES[family].packing
+    with torch.no_grad():
+        alone = [float(forward(model, pad_batch([s], 0), torch.device("cpu"))) for s in SAMPLES]
+        # two packed rows of different lengths: the second one is padded
+        rows = [concat_samples(SAMPLES[:2]), concat_samples(SAMPLES[2:])]
+        packed = per_sample_losses(model, rows, mode)
+        total = float(
+            forward(model, pad_batch(rows, 0, packed_attention=mode), torch.device("cpu"))
+        )
+    assert packed == pytest.approx(alone, rel=1e-5, abs=1e-5)
+    assert total == pytest.approx(sum(alone), rel=1e-5)
+
+
+def test_without_confinement_packed_losses_differ() -> None:
+    """The control: plain causal attention over a packed row leaks across samples."""
+    model = tiny_model("llama")
+    rows = [concat_samples(SAMPLES[:2])]
+    with torch.no_grad():
+        alone = [float(forward(model, pad_batch([s], 0), torch.device("cpu"))) for s in SAMPLES[:2]]
+        batch = pad_batch(rows, 0)
+        leaky = Batch(batch.input_ids, batch.labels, None, None, 0, 0)
+        losses = token_losses(model, leaky)[0]
+    n = SAMPLES[0].input_ids.__len__()
+    assert float(losses[: n - 1].sum()) == pytest.approx(alone[0], rel=1e-5)
+    assert float(losses[n:].sum()) != pytest.approx(alone[1], rel=1e-3)
