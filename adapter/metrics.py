@@ -55,6 +55,8 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.exp_dir = exp_dir
         self.start = time.monotonic()
+        self.first_step = 0
+        """Step the run started from (after a resume), for the ETA."""
         self.history: dict[str, list[tuple[int, float]]] = {"train": [], "eval": []}
         self.tty = sys.stdout.isatty()
         self.jsonl = open(exp_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
@@ -133,7 +135,7 @@ class MetricsLogger:
 
     def _eta(self, step: int) -> str:
         elapsed = time.monotonic() - self.start
-        remaining = elapsed / max(1, step) * max(0, self.total_steps - step)
+        remaining = elapsed / max(1, step - self.first_step) * max(0, self.total_steps - step)
         return time.strftime("%H:%M:%S", time.gmtime(remaining))
 
     def _clear_progress(self) -> None:

@@ -205,6 +205,19 @@ def build_model(
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+def build_pretrained_architecture(model: ModelConfig) -> nn.Module:
+    """The pretrained model's architecture without its weights (for ranks that receive them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert model.hf_model_name_or_path is not None
+    config = AutoConfig.from_pretrained(
+        model.hf_model_name_or_path, trust_remote_code=model.trust_remote_code
+    )
+    return AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, trust_remote_code=model.trust_remote_code
+    )
+
+
 def decoder_layers(module: nn.Module, family: ModelFamily) -> list[nn.Module]:
     """The decoder layers, by class name; else the children of the longest ModuleList."""
     layers = [m for m in module.modules() if type(m).__name__ in family.layer_classes]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +13,23 @@ import yaml
 
 from adapter.config import load_recipe
 from adapter.schema import ConfigError
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_torchrun() -> None:
+    """Ask Linux to SIGKILL this rank when its torchrun agent dies.
+
+    torchrun starts each rank in its own session, so a SIGKILLed agent (node failure,
+    preemption, ``scancel -s KILL``) would otherwise leave ranks training and writing into
+    the checkpoint directory beside the restarted job.
+    """
+    if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the agent died before prctl took effect
+        os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, yaml.YAMLError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    die_with_torchrun()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from adapter.errors import run_reporting_user_errors
 

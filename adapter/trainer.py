@@ -19,6 +19,7 @@ from torch import nn
 from adapter.checkpoint import (
     CheckpointManager,
     ModelOptimizerState,
+    build_pretrained_sharded,
     describe_run,
     export_root,
 )
@@ -37,6 +38,7 @@ from adapter.export import export_model
 from adapter.metrics import MetricsLogger, flops_per_token, peak_flops
 from adapter.models import (
     build_model,
+    build_pretrained_architecture,
     check_packing,
     count_parameters,
     decoder_layers,
@@ -162,14 +164,28 @@ class Trainer:
             "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id,
         }
-        model = build_model(model_cfg, len(tok), special, load_kwargs(model_cfg, self.env.device))
-        model = apply_peft(model, model_cfg)
-        self.num_trainable, self.num_params = count_parameters(model)
-        layers = decoder_layers(model, self.family)
-        self.num_layers = len(layers)
-        self.hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else 0
-        mesh = build_mesh(self.recipe, self.env.device.type)
-        model = parallelize(model, layers, self.recipe, mesh)
+        kwargs = load_kwargs(model_cfg, self.env.device)
+
+        def load_full() -> nn.Module:
+            return apply_peft(build_model(model_cfg, len(tok), special, kwargs), model_cfg)
+
+        def build_empty() -> nn.Module:
+            return apply_peft(build_pretrained_architecture(model_cfg), model_cfg)
+
+        def shard(model: nn.Module) -> nn.Module:
+            self.num_trainable, self.num_params = count_parameters(model)
+            layers = decoder_layers(model, self.family)
+            self.num_layers = len(layers)
+            self.hidden = getattr(model.config, "hidden_size", 0)
+            mesh = build_mesh(self.recipe, self.env.device.type)
+            return parallelize(model, layers, self.recipe, mesh)
+
+        # Pretrained weights: one full copy on rank 0, broadcast shard by shard after
+        # sharding (4-bit QLoRA weights are quantized as they load on every rank instead).
+        if model_cfg.hf_model_name_or_path and model_cfg.peft.peft_type != "qlora_4bit":
+            model = build_pretrained_sharded(load_full, build_empty, shard, self.env)
+        else:
+            model = shard(load_full())
         return model.to(self.env.device) if self.env.device.type == "cuda" else model
 
     def _total_steps(self) -> int:
@@ -193,6 +209,7 @@ class Trainer:
     def fit(self) -> None:
         self._report_setup()
         self._maybe_resume()
+        first_step = self.metrics.first_step = self.state.step
         eval_every = self._eval_interval()
         start = time.monotonic()
         window_tokens, window_start = 0, time.monotonic()
@@ -215,7 +232,11 @@ class Trainer:
         self._save(self.state.step, final=True)
         self.checkpoints.close()
         self._export(self.state.step, final=True)
-        self.metrics.info(f"trained {self.total_steps} steps in {time.monotonic() - start:.1f}s")
+        elapsed = time.monotonic() - start
+        self.metrics.info(
+            f"trained {self.total_steps - first_step} steps (to step {self.total_steps}) "
+            f"in {elapsed:.1f}s"
+        )
         self._show_samples()
         self.metrics.close()
         self.metrics.info(f"results: {self.exp_dir}")

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import FAST, read_metrics, run_main
+from tests.helpers_checkpoint import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -93,3 +98,68 @@ def test_demo_learns_and_reports(results: Path) -> None:
     assert any((run_dir / "tensorboard").iterdir())
     log = (run_dir / "logs/train.log").read_text()
     assert f"Train metrics/train/LanguageCrossEntropy: {train_rows[-1]['loss']:.6f}" in log
+
+
+def test_ranks_die_with_a_sigkilled_torchrun(results: Path) -> None:
+    """A node failure kills torchrun's group only; its ranks (own sessions) must follow."""
+    run_main(
+        f"base_results_dir={results}",
+        "dry_run=true",
+        *FAST,
+        "recipes.trainer.devices=2",
+        "recipes.model.train_batch_size=8",
+        "recipes.trainer.max_steps=100000",
+        check=True,
+    )
+    run_dir = results / "tiny_llama_sft"
+    process = subprocess.Popen(
+        ["bash", str(run_dir / "train.sh")],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "metrics.jsonl").exists():
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.5)
+        ranks = descendants(process.pid)
+        assert len(ranks) >= 2
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        deadline = time.monotonic() + 20
+        while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in ranks)
+    finally:
+        for pid in descendants(process.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_two_ranks_fine_tune_from_an_exported_model(results: Path) -> None:
+    """Pretrained weights (rank 0 loads, broadcast into shards) reach every rank."""
+    base = train(
+        results,
+        "base",
+        "recipes.model.train_batch_size=16",
+        "recipes.trainer.max_steps=30",
+        "recipes.exp_manager.export_full_model.save_last=true",
+    )
+    tuned = train(
+        results,
+        "tuned",
+        "recipes.trainer.devices=2",
+        "recipes.model.train_batch_size=8",
+        f"recipes.model.hf_model_name_or_path={results}/base/hf_model",
+    )
+    fresh_first = 5.5
+    assert base[0] > fresh_first - 0.5
+    assert tuned[0] < base[-1] + 0.3
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
