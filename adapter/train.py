@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     die_with_torchrun()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # tqdm bars garble logs collected from every rank
     from adapter.errors import run_reporting_user_errors
 
     return run_reporting_user_errors(recipe)
