@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from adapter.checkpoint import (
     CheckpointManager,
@@ -67,16 +68,36 @@ class TrainState:
         self.consumed_samples = int(state["consumed_samples"])
 
 
+CE_CHUNK_TOKENS = 4096
+"""Positions per chunk when low-precision logits are upcast to fp32 for the loss."""
+
+
 def sum_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the non-masked labels, computed in fp32."""
-    shifted = logits[:, :-1].flatten(0, 1).float()
-    targets = labels[:, 1:].flatten()
-    return F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    """Summed next-token cross-entropy over the non-masked labels, computed in fp32.
+
+    The labels are shifted, not the logits (slicing them would copy the whole tensor).
+    fp32 logits go to one call; bf16/fp16 ones are upcast chunk by chunk under activation
+    checkpointing, so no fp32 copy (nor fp32 log-probabilities) of the full-vocabulary
+    logits of the whole batch is ever held.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    flat = logits.flatten(0, 1)
+    if flat.dtype == torch.float32:
+        return F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    chunks = zip(flat.split(CE_CHUNK_TOKENS), targets.split(CE_CHUNK_TOKENS), strict=True)
+    return sum(checkpoint(_fp32_cross_entropy, x, y, use_reentrant=False) for x, y in chunks)
+
+
+def _fp32_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def forward(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
     inputs = {"input_ids": batch.input_ids.to(device)}
-    if batch.attention_mask is not None:
+    # A 2-D padding mask without padding changes nothing but costs a 4-D mask in every
+    # attention layer (HF then can't take sdpa's is_causal path): leave it out.
+    padded = batch.num_tokens < batch.input_ids.numel()
+    if batch.attention_mask is not None and (batch.attention_mask.dim() != 2 or padded):
         inputs["attention_mask"] = batch.attention_mask.to(device)
     if batch.position_ids is not None:
         inputs["position_ids"] = batch.position_ids.to(device)
@@ -170,6 +191,8 @@ class Trainer:
             return apply_peft(build_model(model_cfg, len(tok), special, kwargs), model_cfg)
 
         def build_empty() -> nn.Module:
+            if model_cfg.hf_model_name_or_path is None:
+                return apply_peft(build_model(model_cfg, len(tok), special), model_cfg)
             return apply_peft(build_pretrained_architecture(model_cfg), model_cfg)
 
         def shard(model: nn.Module) -> nn.Module:
@@ -180,9 +203,10 @@ class Trainer:
             mesh = build_mesh(self.recipe, self.env.device.type)
             return parallelize(model, layers, self.recipe, mesh)
 
-        # Pretrained weights: one full copy on rank 0, broadcast shard by shard after
-        # sharding (4-bit QLoRA weights are quantized as they load on every rank instead).
-        if model_cfg.hf_model_name_or_path and model_cfg.peft.peft_type != "qlora_4bit":
+        # One full copy at most, on rank 0 (pretrained or seeded random init), broadcast
+        # shard by shard after sharding; the other ranks build on the meta device. 4-bit
+        # QLoRA weights are quantized as they load, on every rank.
+        if self.env.world_size > 1 and model_cfg.peft.peft_type != "qlora_4bit":
             model = build_pretrained_sharded(load_full, build_empty, shard, self.env)
         else:
             model = shard(load_full())

@@ -16,6 +16,7 @@ from typing import Any
 
 from adapter.config import Recipe
 from adapter.schema import ConfigError, Problem, parse, suggest, to_dict
+from launcher import custom as custom_jobs
 from launcher.backends import available, get_backend
 from launcher.backends.base import Backend, ClusterConfig
 from launcher.instances import instance_spec
@@ -41,6 +42,19 @@ class Settings:
     """Instance type of the nodes (e.g. ml.p4d.24xlarge); decides GPU defaults."""
 
 
+@dataclass(frozen=True)
+class Rendezvous:
+    """How the processes of one node meet the others', as the node's shell sees it.
+
+    ``torchrun_args`` are the backend's torchrun options; the other fields say the same as
+    shell expressions (``$SLURM_NODEID``), for the launchers of custom jobs."""
+
+    torchrun_args: tuple[str, ...]
+    node_rank: str = "0"
+    master_addr: str = "127.0.0.1"
+    master_port: str = "29500"
+
+
 @dataclass
 class Job:
     """Everything a backend needs to render one launch."""
@@ -48,9 +62,12 @@ class Job:
     settings: Settings
     cluster: ClusterConfig
     recipe: Recipe
+    """The training recipe; for a custom job, its run and trainer (what backends read)."""
     run_dir: Path
     """Absolute results directory of this run."""
     warnings: list[str] = field(default_factory=list)
+    custom: custom_jobs.CustomJob | None = None
+    """The custom job of a ``kind: custom`` recipe (``launcher/custom.py``); None = train."""
 
     @property
     def name(self) -> str:
@@ -77,7 +94,21 @@ class Job:
 
     def recipe_dict(self) -> dict[str, Any]:
         """The fully resolved recipe (every default filled in) as written to recipe.yaml."""
-        return to_dict(self.recipe)
+        return to_dict(self.custom if self.custom is not None else self.recipe)
+
+    def node_command(
+        self, rdzv: Rendezvous, recipe_path: str, torchrun: str = "torchrun"
+    ) -> list[str]:
+        """The per-node command: the adapter on ``recipe_path`` under torchrun, or a custom
+        job's entry point under its launcher, with the backend's rendezvous."""
+        if self.custom is not None:
+            return custom_jobs.node_command(self.custom, rdzv, torchrun)
+        return train_command(list(rdzv.torchrun_args), recipe_path, launcher=torchrun)
+
+    def cd_line(self) -> str:
+        """``cd <dir>`` and a newline before the per-node command when it runs elsewhere."""
+        directory = custom_jobs.workdir(self)
+        return "" if directory is None else f"cd {shlex.quote(directory)}\n"
 
 
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY", re.I)
@@ -165,9 +196,9 @@ def plan(cfg: dict[str, Any]) -> tuple[Job, Backend]:
     problems.extend(errs)
     if recipe_data is None:
         problems.append(Problem("recipes", "no recipe selected; pass recipes=<name>"))
-        recipe = None
+        recipe, custom = None, None
     else:
-        recipe, errs = parse(Recipe, recipe_data, "recipes")
+        recipe, custom, errs = custom_jobs.parse_recipe(recipe_data)
         problems.extend(errs)
     if settings is None or cluster is None or recipe is None:
         raise ConfigError(problems, "the launch config")
@@ -175,7 +206,8 @@ def plan(cfg: dict[str, Any]) -> tuple[Job, Backend]:
     run_dir = Path(settings.base_results_dir).expanduser().resolve() / recipe.run.name
     if recipe.exp_manager.exp_dir is None:
         recipe.exp_manager.exp_dir = str(run_dir)
-    job = Job(settings=settings, cluster=cluster, recipe=recipe, run_dir=run_dir)
+    job = Job(settings=settings, cluster=cluster, recipe=recipe, run_dir=run_dir, custom=custom)
+    problems.extend(custom_jobs.check_job(job))
     problems.extend(_check_results_dir(settings))
     problems.extend(_check_precision(job))
     problems.extend(Problem(*line.split(": ", 1)) for line in backend.validate(job))

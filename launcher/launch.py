@@ -47,8 +47,14 @@ def write_artifacts(job: Job, artifacts: Artifacts) -> None:
             path.chmod(0o755)
 
 
+SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+"""libyaml's emitter when PyYAML has it: ~10x faster than the pure-Python one, same text."""
+
+
 def dump_yaml(data: dict[str, Any]) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml.dump(
+        data, Dumper=SafeDumper, sort_keys=False, default_flow_style=False, allow_unicode=True
+    )
 
 
 def initial_record(job: Job, artifacts: Artifacts) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from tests.services.k8s_emulator import (
     manifest_errors,
     write_kubeconfig,
 )
+from tests.test_recipes import k8s_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(__file__).parent / "reference" / "k8s"
@@ -268,11 +269,13 @@ RECIPES = sorted(p.stem for p in (ROOT / "recipes_collection" / "recipes").glob(
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_renders_a_valid_job(tmp_path: Path, recipe: str) -> None:
-    files = rendered(tmp_path, f"recipes={recipe}", f"container={IMAGE}")
+    """Every shipped recipe, with its data and results on a PVC, passes the Kubeflow CRD."""
+    files = rendered(tmp_path, f"recipes={recipe}", *k8s_overrides(recipe, tmp_path))
     job_manifest, configmap = manifests(files)
     assert manifest_errors(job_manifest) == []
     recipe_in_pods = yaml.safe_load(configmap["data"]["recipe.yaml"])
-    assert recipe_in_pods["exp_manager"]["exp_dir"].startswith("/results/")
+    if recipe_in_pods.get("kind") != "custom":
+        assert recipe_in_pods["exp_manager"]["exp_dir"].startswith("/fsx/results/")
 
 
 def test_schema_checks_can_fail(tmp_path: Path) -> None:

@@ -178,15 +178,15 @@ def test_cpu_job_uses_no_gpu_settings(tmp_path: Path) -> None:
 
 def test_gpu_defaults_without_efa_and_gres_switch(tmp_path: Path) -> None:
     g5 = [
-        "instance_type=ml.g5.48xlarge",
-        "recipes.trainer.devices=8",
+        "instance_type=ml.g5.12xlarge",
+        "recipes.trainer.devices=4",
         "recipes.trainer.precision=bf16",
-        "recipes.model.global_batch_size=256",
+        "recipes.model.global_batch_size=128",
     ]
     sbatch = rendered(tmp_path, *g5)[f"{RUN_NAME}.sbatch"]
     assert "export NCCL_DEBUG=WARN" in sbatch
-    assert "FI_PROVIDER" not in sbatch  # g5 has no EFA
-    assert "#SBATCH --gpus-per-node=8" in sbatch
+    assert "FI_PROVIDER" not in sbatch  # g5.12xlarge has no EFA
+    assert "#SBATCH --gpus-per-node=4" in sbatch
     no_gres = rendered(tmp_path, *g5, "cluster.gpus_per_node=0")[f"{RUN_NAME}.sbatch"]
     assert "--gpus-per-node" not in no_gres
 

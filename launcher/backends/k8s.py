@@ -41,9 +41,9 @@ from launcher.job import (
     SECRET_NAME,
     TRAIN_SCRIPT,
     Job,
+    Rendezvous,
     check_gpu_request,
     job_env,
-    train_command,
     wrapped,
 )
 
@@ -543,7 +543,10 @@ def node_command(job: Job) -> list[str]:
         '--master_addr="$MASTER_ADDR"',
         '--master_port="$MASTER_PORT"',
     ]
-    return train_command(args, f"{RECIPE_MOUNT}/{RECIPE_FILE}")
+    rdzv = Rendezvous(
+        tuple(args), node_rank="$RANK", master_addr="$MASTER_ADDR", master_port="$MASTER_PORT"
+    )
+    return job.node_command(rdzv, f"{RECIPE_MOUNT}/{RECIPE_FILE}")
 
 
 TRAIN_SH = """\
@@ -554,7 +557,7 @@ TRAIN_SH = """\
 # RANK (the pod's node rank: 0 on the master, then the workers) in each pod.
 set -euo pipefail
 echo "pod $(hostname): node rank $RANK of {nodes}, master $MASTER_ADDR:$MASTER_PORT"
-exec {command}
+{cd}exec {command}
 """
 
 
@@ -565,6 +568,7 @@ def render_train_sh(job: Job, cluster: K8sCluster) -> str:
         configmap=configmap_name(job),
         mount=RECIPE_MOUNT,
         nodes=job.num_nodes,
+        cd=job.cd_line(),
         command=wrapped(node_command(job)),
     )
 

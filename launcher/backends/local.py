@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError
-from launcher.job import RECIPE_FILE, TRAIN_SCRIPT, Job, shell_exports, train_command
+from launcher.job import RECIPE_FILE, TRAIN_SCRIPT, Job, Rendezvous, shell_exports
 
 LOG_FILE = "logs/train.log"
 
@@ -21,7 +21,7 @@ TRAIN_SH = """\
 # Per-node command of run {name} (local backend). Run by hand: bash {script}
 set -euo pipefail
 {exports}
-exec {command}
+{cd}exec {command}
 """
 
 
@@ -58,11 +58,12 @@ class LocalBackend(Backend):
     def render(self, job: Job) -> Artifacts:
         recipe_path = str(job.run_dir / RECIPE_FILE)
         args = ["--standalone", f"--nproc_per_node={job.devices}"]
-        command = train_command(args, recipe_path, launcher=_torchrun(job.cluster))
+        command = job.node_command(Rendezvous(tuple(args)), recipe_path, _torchrun(job.cluster))
         script = TRAIN_SH.format(
             name=job.name,
             script=job.run_dir / TRAIN_SCRIPT,
             exports=shell_exports(job.settings.env_vars),
+            cd=job.cd_line(),
             command=" ".join(command),
         )
         return Artifacts(

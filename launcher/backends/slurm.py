@@ -32,10 +32,10 @@ from launcher.job import (
     SECRET_NAME,
     TRAIN_SCRIPT,
     Job,
+    Rendezvous,
     check_gpu_request,
     job_env,
     shell_exports,
-    train_command,
     wrapped,
 )
 
@@ -119,7 +119,7 @@ TRAIN_SH = """\
 # {sbatch_name}, which sets RDZV_ENDPOINT; SLURM_JOB_ID and SLURM_NODEID come from Slurm.
 # The first node (SLURM_NODEID=0) hosts the rendezvous store.
 set -euo pipefail
-exec {command}
+{cd}exec {command}
 """
 
 
@@ -209,7 +209,10 @@ class SlurmBackend(Backend):
         files = {
             sbatch_name(job): render_sbatch(job, cluster),
             TRAIN_SCRIPT: TRAIN_SH.format(
-                name=job.name, sbatch_name=sbatch_name(job), command=wrapped(command)
+                name=job.name,
+                sbatch_name=sbatch_name(job),
+                cd=job.cd_line(),
+                command=wrapped(command),
             ),
         }
         record = {"sbatch_file": str(job.run_dir / sbatch_name(job)), "job_name": job_name(job)}
@@ -348,7 +351,13 @@ def node_command(job: Job, cluster: SlurmCluster) -> list[str]:
         '--rdzv_conf=is_host="$((SLURM_NODEID == 0))"',
     ]
     recipe = shlex.quote(str(job.run_dir / RECIPE_FILE))
-    return train_command(rdzv_args, recipe, launcher=_torchrun(job, cluster))
+    rdzv = Rendezvous(
+        tuple(rdzv_args),
+        node_rank="$SLURM_NODEID",
+        master_addr="${RDZV_ENDPOINT%:*}",
+        master_port="${RDZV_ENDPOINT##*:}",
+    )
+    return job.node_command(rdzv, recipe, _torchrun(job, cluster))
 
 
 def gpus_per_node(job: Job, cluster: SlurmCluster) -> int:

@@ -51,8 +51,8 @@ from launcher.job import (
     SECRET_NAME,
     TRAIN_SCRIPT,
     Job,
+    Rendezvous,
     job_env,
-    train_command,
     wrapped,
 )
 
@@ -234,6 +234,8 @@ class JobSpec:
     security_group_ids: tuple[str, ...]
     tags: tuple[tuple[str, str], ...]
     environment: tuple[tuple[str, str], ...]
+    source_dir: str | None = None
+    """A custom job's code directory, staged instead of the adapter package."""
 
 
 class SmJobsBackend(Backend):
@@ -428,6 +430,8 @@ def job_requirements(job: Job) -> list[str]:
     requirements = _cluster(job).requirements
     if requirements is not None:
         return list(requirements)
+    if job.custom is not None:
+        return list(job.custom.script.requirements)
     extra = [TENSORBOARD_REQUIREMENT] if job.recipe.exp_manager.create_tensorboard_logger else []
     return [*DEFAULT_REQUIREMENTS, *extra]
 
@@ -461,6 +465,7 @@ def job_spec(job: Job) -> JobSpec:
         security_group_ids=tuple(cluster.security_group_ids),
         tags=tuple(cluster.tags.items()),
         environment=tuple(sorted(job_environment(job).items())),
+        source_dir=job.custom.script.source_dir if job.custom else None,
     )
 
 
@@ -491,6 +496,8 @@ def _pytorch_image(region: str, version: str, py_version: str, instance_type: st
 def sm_recipe(job: Job) -> dict[str, Any]:
     """The resolved recipe with data, experiment, checkpoint and export paths under /opt/ml."""
     recipe = job.recipe_dict()
+    if job.custom is not None:
+        return recipe
     data = recipe["model"]["data"]
     for key, name in DATA_CHANNELS.items():
         value = data[key]
@@ -531,7 +538,13 @@ def node_command(job: Job) -> list[str]:
         '--master_addr="${SM_MASTER_ADDR:-localhost}"',
         '--master_port="${SM_MASTER_PORT:-7777}"',
     ]
-    return train_command(args, f"{CODE_DIR}/{RECIPE_FILE}")
+    rdzv = Rendezvous(
+        tuple(args),
+        node_rank="${SM_CURRENT_HOST_RANK:-0}",
+        master_addr="${SM_MASTER_ADDR:-localhost}",
+        master_port="${SM_MASTER_PORT:-7777}",
+    )
+    return job.node_command(rdzv, f"{CODE_DIR}/{RECIPE_FILE}")
 
 
 def render_train_sh(job: Job) -> str:
@@ -941,12 +954,16 @@ def _sdk_role_error() -> type[Exception]:
     return RoleValidationError
 
 
-def stage_source(run_dir: Path, target: Path) -> None:
-    """The job's source dir: the adapter package and the run's recipe, train.sh, requirements."""
+def stage_source(run_dir: Path, target: Path, source_dir: str | None = None) -> None:
+    """The job's source dir: the adapter package (or a custom job's ``source_dir``) and the
+    run's recipe, train.sh, requirements."""
     import adapter
 
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(Path(adapter.__file__).parent, target / "adapter", ignore=ignore)
+    if source_dir is not None:
+        shutil.copytree(source_dir, target, ignore=ignore, dirs_exist_ok=True)
+    else:
+        shutil.copytree(Path(adapter.__file__).parent, target / "adapter", ignore=ignore)
     for name in (RECIPE_FILE, TRAIN_SCRIPT, REQUIREMENTS_FILE):
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, target / name)
@@ -1053,7 +1070,7 @@ def create_training_job(spec: JobSpec, run_dir: Path, region: str) -> dict[str, 
     boto_session.events.register(f"provide-client-params.{event}", capture.on_params)
     boto_session.events.register(f"after-call.{event}", capture.on_response)
     with tempfile.TemporaryDirectory(prefix="sm-source-") as tmp:
-        stage_source(run_dir, Path(tmp))
+        stage_source(run_dir, Path(tmp), spec.source_dir)
         trainer = _checked_trainer(spec, Path(tmp), boto_session)
         try:
             trainer.train(wait=False, logs=False)

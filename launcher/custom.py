@@ -1,0 +1,440 @@
+"""Custom-script jobs: your own entry point on every node of any backend (HyperPod's custom
+training mode), from a recipe that says ``kind: custom``::
+
+    kind: custom
+    run: {name: foundry-mpt7b, time_limit: "1-00:00:00"}
+    trainer: {num_nodes: 2, devices: 8, accelerator: gpu}
+    script:
+      launcher: composer                     # torchrun (default) | composer | deepspeed
+      source_dir: /fsx/llm-foundry/scripts   # the job runs here
+      entry_point: train/train.py
+      args: [train/yamls/finetune/mpt-7b_dolly_sft.yaml]
+      requirements: [llm-foundry>=0.10]
+
+``kind`` is the recipe's explicit discriminator: absent or ``train``, the recipe is the
+adapter's (``adapter/config.py``); ``custom``, it is a :class:`CustomJob`. The cluster
+configs are the same for both: a backend hands its rendezvous to ``Job.node_command``,
+which starts the adapter, or this entry point under its launcher, in ``Job.cd_line()``'s
+directory. Validated at launch with everything else: the schema here, then the checks that
+depend on the cluster (:func:`check_job`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from adapter.config import Recipe, RunConfig, TrainerConfig
+from adapter.schema import Problem, bounded, nested, parse, suggest
+
+if TYPE_CHECKING:
+    from launcher.job import Job, Rendezvous
+
+KINDS = ("train", "custom")
+"""Values of a recipe's ``kind``: ``train`` (the default) is the adapter's recipe."""
+
+Launcher = Literal["torchrun", "composer", "deepspeed"]
+
+RENDEZVOUS_FLAGS: dict[str, tuple[str, ...]] = {
+    "torchrun": (
+        "--nnodes",
+        "--nproc_per_node",
+        "--nproc-per-node",
+        "--node_rank",
+        "--node-rank",
+        "--master_addr",
+        "--master-addr",
+        "--master_port",
+        "--master-port",
+        "--rdzv_backend",
+        "--rdzv-backend",
+        "--rdzv_endpoint",
+        "--rdzv-endpoint",
+        "--rdzv_id",
+        "--rdzv-id",
+        "--rdzv_conf",
+        "--rdzv-conf",
+        "--standalone",
+        "-m",
+        "--module",
+    ),
+    "composer": (
+        "-n",
+        "--nproc",
+        "--world_size",
+        "--base_rank",
+        "--node_rank",
+        "--master_addr",
+        "--master_port",
+        "-m",
+        "--module_mode",
+    ),
+    "deepspeed": (
+        "--num_nodes",
+        "--num_gpus",
+        "--node_rank",
+        "--master_addr",
+        "--master_port",
+        "--hostfile",
+        "--include",
+        "--exclude",
+        "--module",
+    ),
+}
+"""Launcher options the launcher sets itself (from the cluster, ``trainer`` and ``module``)."""
+
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+CHECKED_HERE = {"local": "this machine", "slurm": "this machine (the nodes' shared file system)"}
+"""Backends whose nodes see this machine's files, so the entry point must exist here."""
+
+
+@dataclass(kw_only=True)
+class CustomTrainer:
+    """Where a custom job's processes run: the keys of a recipe's ``trainer`` that apply."""
+
+    devices: int = bounded(1, ge=1)
+    """Processes per node, one per GPU: the launcher's processes per node."""
+    num_nodes: int = bounded(1, ge=1)
+    """Nodes (instances, pods); every node runs the launcher once."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """``gpu`` requests GPUs from the cluster; ``auto`` decides by the instance type."""
+
+
+@dataclass(kw_only=True)
+class ScriptConfig:
+    """The program a custom job runs on every node, and how its processes are started."""
+
+    entry_point: str
+    """The Python file to run, relative to ``source_dir`` (or a module with ``module: true``)."""
+    args: list[str | int | float | bool] = field(default_factory=list)
+    """Arguments of the entry point, passed as they are (each one shell-quoted)."""
+    launcher: Launcher = "torchrun"
+    """Starts ``trainer.devices`` processes per node: ``torchrun``; ``composer`` (Composer's
+    launcher, as LLM Foundry's ``composer train/train.py <yaml>``); ``deepspeed`` (one node
+    only: across nodes, run DeepSpeed scripts under torchrun, which DeepSpeed supports)."""
+    launcher_args: list[str] = field(default_factory=list)
+    """Extra launcher options, e.g. ``['--max_restarts=3']``; the rendezvous options (nodes,
+    processes, ranks, addresses) come from the cluster and ``trainer``."""
+    module: bool = False
+    """Run ``entry_point`` as a module (``-m package.module``) instead of a file."""
+    source_dir: str | None = None
+    """The code's directory; the job runs in it. local/slurm: a directory here (slurm: on a
+    file system every node sees), null = where main.py runs; sm_jobs: uploaded as the job's
+    source (required); k8s: an absolute path in the pods (image or volume), null = the
+    image's working directory."""
+    requirements: list[str] = field(default_factory=list)
+    """pip requirements of the script (PEP 508, e.g. ``llm-foundry>=0.10``). sm_jobs installs
+    them before the script; local and bare-metal slurm check them in this Python; a
+    container image (k8s, slurm with ``container``) must have them."""
+
+
+@dataclass(kw_only=True)
+class CustomJob:
+    """A recipe of ``kind: custom``: run your own entry point across nodes."""
+
+    kind: Literal["custom"]
+    """The recipe kind (``train``, the default, is the adapter's training recipe)."""
+    run: RunConfig = nested(RunConfig)
+    """Run name (results in ``<base_results_dir>/<name>``) and wall-clock limit."""
+    trainer: CustomTrainer = nested(CustomTrainer)
+    """Nodes, processes per node and accelerator."""
+    script: ScriptConfig
+    """The entry point, its arguments, launcher, code directory and requirements."""
+
+    def check(self) -> list[tuple[str, str]]:
+        return [
+            *_check_entry_point(self.script),
+            *_check_args(self.script),
+            *_check_launcher(self),
+            *_check_requirements(self.script),
+        ]
+
+
+# --- the recipe kind --------------------------------------------------------------------
+
+
+def parse_recipe(data: Any) -> tuple[Recipe | None, CustomJob | None, list[Problem]]:
+    """The recipe ``data`` as its ``kind`` says: (recipe, None) for the adapter's recipes,
+    (the recipe backends read for run and trainer, the custom job) for ``kind: custom``."""
+    kind = data.get("kind", "train") if isinstance(data, dict) else "train"
+    if kind == "train":
+        rest = {k: v for k, v in data.items() if k != "kind"} if isinstance(data, dict) else data
+        recipe, problems = parse(Recipe, rest, "recipes")
+        return recipe, None, problems
+    if kind == "custom":
+        custom, problems = parse(CustomJob, data, "recipes")
+        return (None if custom is None else shared_recipe(custom)), custom, problems
+    message = (
+        f"got {kind!r}{suggest(str(kind), KINDS)}; allowed values: 'train' (the default), 'custom'"
+    )
+    return None, None, [Problem("recipes.kind", message)]
+
+
+def shared_recipe(custom: CustomJob) -> Recipe:
+    """What every backend reads from a recipe (run, nodes, devices, accelerator) for a custom
+    job; the adapter's own sections keep their defaults (no data, no checkpoints)."""
+    trainer = TrainerConfig(
+        devices=custom.trainer.devices,
+        num_nodes=custom.trainer.num_nodes,
+        accelerator=custom.trainer.accelerator,
+        precision="32",
+        max_steps=0,
+    )
+    return Recipe(run=custom.run, trainer=trainer)
+
+
+# --- the per-node command -----------------------------------------------------------------
+
+
+def node_command(custom: CustomJob, rdzv: Rendezvous, torchrun: str) -> list[str]:
+    """The launcher with the backend's rendezvous, then the entry point and its arguments.
+
+    Rendezvous values are shell expressions (``$SLURM_NODEID``) and stay unquoted; the
+    user's values are shell-quoted."""
+    script = custom.script
+    extra = [shlex.quote(arg) for arg in script.launcher_args]
+    target = [shlex.quote(script.entry_point), *(shlex.quote(str(arg)) for arg in script.args)]
+    if script.launcher == "torchrun":
+        module = ["-m"] if script.module else []
+        return [torchrun, *rdzv.torchrun_args, *extra, *module, *target]
+    if script.launcher == "composer":
+        module = ["--module_mode"] if script.module else []
+        return ["composer", *composer_flags(custom, rdzv), *extra, *module, *target]
+    module = ["--module"] if script.module else []
+    return ["deepspeed", f"--num_gpus={custom.trainer.devices}", *extra, *module, *target]
+
+
+def composer_flags(custom: CustomJob, rdzv: Rendezvous) -> list[str]:
+    """Composer's launcher options: processes, world size and, across nodes, this node's
+    rank and the first node's address."""
+    nproc, nodes = custom.trainer.devices, custom.trainer.num_nodes
+    flags = [f"--nproc={nproc}", f"--world_size={nproc * nodes}"]
+    if nodes == 1:
+        return flags
+    return [
+        *flags,
+        f'--node_rank="{rdzv.node_rank}"',
+        f'--base_rank="$(({rdzv.node_rank} * {nproc}))"',
+        f'--master_addr="{rdzv.master_addr}"',
+        f'--master_port="{rdzv.master_port}"',
+    ]
+
+
+def workdir(job: Job) -> str | None:
+    """Where the per-node command runs: ``source_dir`` (resolved by :func:`check_job`), the
+    launch directory on local/slurm, the staged source on sm_jobs (already the working
+    directory there), the image's working directory on k8s."""
+    if job.custom is None or job.cluster.type == "sm_jobs":
+        return None
+    source = job.custom.script.source_dir
+    if source is None and job.cluster.type in CHECKED_HERE:
+        return str(Path.cwd())
+    return source
+
+
+# --- checks of the schema (pure) ----------------------------------------------------------
+
+
+def _check_entry_point(script: ScriptConfig) -> list[tuple[str, str]]:
+    entry = script.entry_point
+    if script.module and not MODULE_NAME.fullmatch(entry):
+        return [("script.entry_point", f"got {entry!r}; with module: true, a dotted module name")]
+    if not script.module and not entry.endswith(".py"):
+        hint = (
+            " (or set script.module=true to run a module)" if MODULE_NAME.fullmatch(entry) else ""
+        )
+        return [("script.entry_point", f"got {entry!r}; expected a Python file (*.py){hint}")]
+    return []
+
+
+def _check_args(script: ScriptConfig) -> list[tuple[str, str]]:
+    problems = []
+    for key in ("args", "launcher_args"):
+        for i, arg in enumerate(map(str, getattr(script, key))):
+            if "\n" in arg or "\0" in arg:
+                problems.append((f"script.{key}[{i}]", f"got {arg!r}; one line per argument"))
+    for i, arg in enumerate(script.launcher_args):
+        if not arg.startswith("-"):
+            problems.append(
+                (f"script.launcher_args[{i}]", f"got {arg!r}; expected an option such as --x=1")
+            )
+    return problems
+
+
+def _check_launcher(custom: CustomJob) -> list[tuple[str, str]]:
+    script = custom.script
+    problems = []
+    reserved = RENDEZVOUS_FLAGS[script.launcher]
+    for i, arg in enumerate(script.launcher_args):
+        if arg.split("=", 1)[0] in reserved:
+            problems.append(
+                (
+                    f"script.launcher_args[{i}]",
+                    f"{arg!r} is set from the cluster, trainer.num_nodes/devices and "
+                    "script.module; remove it",
+                )
+            )
+    if script.launcher == "deepspeed" and custom.trainer.num_nodes > 1:
+        problems.append(
+            (
+                "script.launcher",
+                "deepspeed starts the other nodes itself over ssh, but every backend here "
+                f"starts one launcher per node ({custom.trainer.num_nodes} nodes): use "
+                "launcher: torchrun (DeepSpeed reads torchrun's environment; keep "
+                "--deepspeed <config> in script.args), or trainer.num_nodes=1",
+            )
+        )
+    return problems
+
+
+def _check_requirements(script: ScriptConfig) -> list[tuple[str, str]]:
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    problems = []
+    for i, text in enumerate(script.requirements):
+        try:
+            Requirement(text)
+        except InvalidRequirement as exc:
+            problems.append(
+                (f"script.requirements[{i}]", f"got {text!r}; not a pip requirement ({exc})")
+            )
+    return problems
+
+
+# --- checks that depend on the cluster --------------------------------------------------
+
+
+def check_job(job: Job) -> list[Problem]:
+    """A custom job's checks on this cluster; resolves ``source_dir`` where it is local."""
+    if job.custom is None:
+        return []
+    script, cluster_type = job.custom.script, job.cluster.type
+    if cluster_type == "k8s":
+        return _check_pod_path(script)
+    if cluster_type == "sm_jobs" and script.source_dir is None:
+        return [
+            Problem(
+                "recipes.script.source_dir",
+                "is required for cluster=sm_jobs, which uploads the code: set it to the "
+                f"directory holding {script.entry_point}",
+            )
+        ]
+    problems = _check_source(script, cluster_type)
+    if cluster_type == "local" or (cluster_type == "slurm" and not job.settings.container):
+        problems += _check_installed(script, cluster_type == "local")
+    if cluster_type == "slurm" and job.settings.container and not problems:
+        job.warnings.extend(_container_warnings(job))
+    return problems
+
+
+def _check_pod_path(script: ScriptConfig) -> list[Problem]:
+    if script.source_dir is None or script.source_dir.startswith("/"):
+        return []
+    return [
+        Problem(
+            "recipes.script.source_dir",
+            f"got {script.source_dir!r}; on k8s, an absolute path in the pods (inside the "
+            "image or on a mounted volume), or null for the image's working directory",
+        )
+    ]
+
+
+def _container_warnings(job: Job) -> list[str]:
+    """The code directory must be mounted into a Slurm job's container (pyxis mounts)."""
+    directory = workdir(job) or ""
+    mounts = [m.split(":")[1] for m in getattr(job.cluster, "container_mounts", []) if ":" in m]
+    mounts += [str(job.run_dir)]
+    if any(directory == m or directory.startswith(m.rstrip("/") + "/") for m in mounts):
+        return []
+    return [
+        f"recipes.script.source_dir: {directory} is not under any container mount, so the "
+        f"job's container may not see it: add cluster.container_mounts=['{directory}:"
+        f"{directory}'] (or mount a parent directory)"
+    ]
+
+
+def _check_source(script: ScriptConfig, cluster_type: str) -> list[Problem]:
+    """The code directory and the entry point exist here; ``source_dir`` becomes absolute."""
+    source = Path(script.source_dir or ".").expanduser().resolve()
+    if not source.is_dir():
+        return [
+            Problem(
+                "recipes.script.source_dir",
+                f"{script.source_dir!r} is not a directory on this machine; pass "
+                "recipes.script.source_dir=<the directory holding the code>",
+            )
+        ]
+    if script.source_dir is not None:
+        script.source_dir = str(source)
+    if script.module:
+        return _check_module(script, source)
+    entry = source / script.entry_point
+    if entry.is_file():
+        return []
+    where = CHECKED_HERE.get(cluster_type, "the source directory to upload")
+    return [
+        Problem(
+            "recipes.script.entry_point",
+            f"{script.entry_point!r} is not a file in {source} ({where}); fix the path "
+            "(relative to recipes.script.source_dir) or set source_dir",
+        )
+    ]
+
+
+def _check_module(script: ScriptConfig, source: Path) -> list[Problem]:
+    parts = script.entry_point.split(".")
+    candidates = [
+        source.joinpath(*parts).with_suffix(".py"),
+        source.joinpath(*parts, "__init__.py"),
+    ]
+    if any(p.is_file() for p in candidates) or importlib.util.find_spec(parts[0]) is not None:
+        return []
+    return [
+        Problem(
+            "recipes.script.entry_point",
+            f"module {script.entry_point!r} is neither in {source} nor installed here",
+        )
+    ]
+
+
+def _check_installed(script: ScriptConfig, local: bool) -> list[Problem]:
+    """Requirements and the launcher are installed in the Python the nodes use (this one)."""
+    from packaging.requirements import Requirement
+
+    problems = []
+    for i, text in enumerate(script.requirements):
+        requirement = Requirement(text)
+        try:
+            version = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        if version is None or not requirement.specifier.contains(version, prereleases=True):
+            found = "not installed" if version is None else f"{version} is installed"
+            problems.append(
+                Problem(
+                    f"recipes.script.requirements[{i}]",
+                    f"{text!r}: {found} in this Python, which runs the job: "
+                    f"pip install {shlex.quote(text)}",
+                )
+            )
+    if local and script.launcher != "torchrun" and not _on_path(script.launcher):
+        package = {"composer": "mosaicml", "deepspeed": "deepspeed"}[script.launcher]
+        problems.append(
+            Problem(
+                "recipes.script.launcher",
+                f"{script.launcher} is not installed here: pip install {package}",
+            )
+        )
+    return problems
+
+
+def _on_path(executable: str) -> bool:
+    beside_python = Path(sys.executable).parent / executable
+    return beside_python.exists() or shutil.which(executable) is not None
