@@ -44,12 +44,11 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_state_dict,
-    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from adapter.config import Recipe, recipe_hash
 from adapter.distributed import DistEnv
@@ -652,7 +651,9 @@ def parameters_on_meta() -> Iterator[None]:
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register(module, name, param)
-        if param is not None:
+        # A parameter already on meta is kept as it is: re-assigning one (tying embeddings)
+        # must register the same object, not a copy.
+        if param is not None and not param.is_meta:
             meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
             module._parameters[name] = meta
 
@@ -661,6 +662,42 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _scatter_from_rank0(
+    model: nn.Module, full_params: dict[str, torch.Tensor], env: DistEnv
+) -> None:
+    """Fill every rank's shards from rank 0's full weights, one parameter at a time.
+
+    Parameters are addressed by their de-duplicated names (``named_parameters``), so tied
+    or aliased weights (PEFT prompt learning's ``word_embeddings``) are sent once.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not isinstance(param, DTensor):
+                dist.broadcast(param.data, src=0)
+                continue
+            if env.is_main:
+                source = full_params[name].to(device=param.device, dtype=param.dtype)
+            else:
+                source = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+            shard = distribute_tensor(source, param.device_mesh, param.placements, src_data_rank=0)
+            param.to_local().copy_(shard.to_local())
+
+
+def _check_same_parameters(model: nn.Module, env: DistEnv) -> None:
+    """Fail loudly, not in a collective hang, if the ranks built different parameter sets."""
+    names = [name for name, _ in model.named_parameters()]
+    everyone: list[list[str] | None] = [None] * env.world_size
+    dist.all_gather_object(everyone, names)
+    reference = everyone[0]
+    for rank, other in enumerate(everyone):
+        if other != reference:
+            missing = sorted(set(reference or []) ^ set(other or []))[:5]
+            raise RuntimeError(
+                f"rank {rank} built different parameters than rank 0 (e.g. {missing}); "
+                "the model must be built identically on every rank"
+            )
 
 
 def build_pretrained_sharded(
@@ -677,11 +714,13 @@ def build_pretrained_sharded(
     """
     if env.is_main:
         model = load_full()
-        full_state = model.state_dict()
+        # References to the full weights survive fully_shard, which swaps in DTensors.
+        full_params = {name: param.detach() for name, param in model.named_parameters()}
     else:
         with parameters_on_meta():
             model = build_empty()
-        full_state = {}
+        full_params = {}
+    _check_same_parameters(model, env)
     model = shard(model)
     if not env.is_main:
         buffers = {name: buf.clone() for name, buf in model.named_buffers()}
@@ -689,9 +728,8 @@ def build_pretrained_sharded(
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 buf.copy_(buffers[name])
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, full_state, options=options)
-    del full_state
+    _scatter_from_rank0(model, full_params, env)
+    del full_params
     with torch.no_grad():
         for buf in model.buffers():
             dist.broadcast(buf, src=0)

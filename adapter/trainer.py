@@ -104,7 +104,10 @@ def forward(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tenso
     # use_cache=False also lets HF confine attention by packed position ids.
     logits = model(**inputs, use_cache=False).logits
     # Prompt/p-tuning prepend virtual tokens: the last len(input_ids) positions are the input's.
-    logits = logits[:, -batch.input_ids.shape[1] :]
+    # (Only slice then: even a full-range slice costs a zero-filled copy in the backward.)
+    length = batch.input_ids.shape[1]
+    if logits.shape[1] != length:
+        logits = logits[:, -length:]
     return sum_cross_entropy(logits, batch.labels.to(device))
 
 
@@ -192,8 +195,11 @@ class Trainer:
 
         def build_empty() -> nn.Module:
             if model_cfg.hf_model_name_or_path is None:
-                return apply_peft(build_model(model_cfg, len(tok), special), model_cfg)
-            return apply_peft(build_pretrained_architecture(model_cfg), model_cfg)
+                model = build_model(model_cfg, len(tok), special)
+            else:
+                model = build_pretrained_architecture(model_cfg)
+            model.tie_weights()  # meta parameters aren't tied at construction
+            return apply_peft(model, model_cfg)
 
         def shard(model: nn.Module) -> nn.Module:
             self.num_trainable, self.num_params = count_parameters(model)
@@ -268,12 +274,13 @@ class Trainer:
     def train_step(self) -> tuple[float, int, float]:
         """One optimizer step over this rank's micro-batches; returns (loss, tokens, grad norm)."""
         micro = [self._batch(indices) for indices in self.sampler.next_step()]
-        local_labels = sum(b.num_label_tokens for b in micro)
-        local_tokens = sum(b.num_tokens for b in micro)
-        global_labels, global_tokens = all_reduce_sum([local_labels, local_tokens], self.env.device)
+        local = [sum(b.num_label_tokens for b in micro), sum(b.num_tokens for b in micro)]
+        counts = torch.tensor(local, dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(counts)  # (label tokens, tokens) of the global batch, kept on the device
         # Gradients become the mean over every label token of the global batch, whatever
         # the split across ranks and micro-batches (FSDP averages over ranks, hence × world).
-        scale = self.env.world_size / max(global_labels, 1.0)
+        # A device tensor (the fp32 value a Python float would give): no host sync here.
+        scale = (self.env.world_size / counts[0].clamp(min=1.0)).float()
         loss_sum = torch.zeros((), device=self.env.device)
         self.model.train()
         for i, batch in enumerate(micro):
@@ -287,7 +294,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(loss_sum)
         self.state.consumed_samples += self.sampler.global_batch
-        return loss_sum.item() / max(global_labels, 1.0), int(global_tokens), grad_norm
+        # The step's one host sync: everything it reports, in a single transfer.
+        reported = torch.stack([loss_sum.double(), *counts, grad_norm.double()]).tolist()
+        loss_total, global_labels, global_tokens, norm = reported
+        return loss_total / max(global_labels, 1.0), int(global_tokens), norm
 
     def evaluate(self) -> float:
         """Token-weighted cross-entropy over the whole validation set (all ranks)."""
@@ -331,13 +341,14 @@ class Trainer:
     def _packed_attention(self) -> PackedAttention:
         return self.family.packing or "position_ids"
 
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip to ``model.grad_clip``; the total norm stays a (0-dim) device tensor."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.recipe.model.grad_clip or math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        return float(norm)
+        return norm
 
     def _log_train(self, step: int, loss: float, grad_norm: float, tokens_per_s: float) -> None:
         values = {
