@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.utils.checkpoint import checkpoint
 
 from adapter.checkpoint import (
@@ -136,6 +137,12 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, recipe.model.optim, self.total_steps)
         self.state = TrainState()
+        # fp16 needs loss scaling; the sharded scaler agrees on inf/NaN across ranks.
+        self.scaler = (
+            ShardedGradScaler(device=self.env.device.type)
+            if recipe.trainer.precision == "16"
+            else None
+        )
         self.checkpoints = CheckpointManager(recipe, self.env)
         self.metrics = MetricsLogger(
             self.exp_dir,
@@ -233,6 +240,7 @@ class Trainer:
             "scheduler": self.scheduler,
             "sampler": self.sampler,
             "train": self.state,
+            **({"grad_scaler": self.scaler} if self.scaler is not None else {}),
         }
 
     # --- the loop ---------------------------------------------------------------------
@@ -286,10 +294,17 @@ class Trainer:
         for i, batch in enumerate(micro):
             self.model.set_requires_gradient_sync(i == len(micro) - 1)
             loss = forward(self.model, batch, self.env.device)
-            (loss * scale).backward()
+            scaled = loss * scale
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip_gradients()
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skipped when gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(loss_sum)

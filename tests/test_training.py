@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import FAST, read_metrics, run_main
 from tests.helpers_checkpoint import descendants
@@ -163,3 +164,26 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_fp16_trains_with_loss_scaling_and_checkpoints_the_scaler(results: Path) -> None:
+    """precision=16 (GPU-only in the launcher) run straight through the adapter on CPU."""
+    run_main(
+        f"base_results_dir={results}",
+        "dry_run=true",
+        *FAST,
+        "recipes.model.train_batch_size=16",
+        "recipes.exp_manager.async_checkpointing=false",
+        "recipes.exp_manager.checkpoint_callback_params.save_last=true",
+        check=True,
+    )
+    run_dir = results / "tiny_llama_sft"
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    recipe["trainer"]["precision"] = "16"
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    subprocess.run(["bash", str(run_dir / "train.sh")], check=True, capture_output=True)
+    losses = [row["loss"] for row in read_metrics(run_dir)]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+    metadata = (run_dir / "checkpoints/step_6/.metadata").read_bytes()
+    assert b"grad_scaler" in metadata
