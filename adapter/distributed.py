@@ -24,7 +24,9 @@ class DistEnv:
 
 
 def init_distributed(trainer: TrainerConfig) -> DistEnv:
-    """Join the torchrun job (a 1-process group when started without torchrun)."""
+    """Join the torchrun job; started without torchrun (one rank, e.g. the local backend's
+    single-device runs), a 1-process group on an in-memory store: no port, no rendezvous."""
+    under_torchrun = "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -36,14 +38,13 @@ def init_distributed(trainer: TrainerConfig) -> DistEnv:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             rank=rank,
             world_size=world_size,
             device_id=device if use_cuda else None,
+            store=None if under_torchrun else dist.HashStore(),
         )
     return DistEnv(rank, local_rank, world_size, device)
 

@@ -12,11 +12,13 @@ from adapter.config import OptimConfig
 
 
 def build_optimizer(
-    model: nn.Module, optim: OptimConfig, device: torch.device
+    model: nn.Module, optim: OptimConfig, device: torch.device, loss_scaling: bool = False
 ) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only (fused on CUDA, foreach on CPU)."""
+    """AdamW over the trainable parameters only; the fused kernel on CUDA and CPU (4x
+    faster than ``foreach`` for the tiny Llama on CPU), ``foreach`` elsewhere and with fp16
+    loss scaling (the sharded grad scaler's inf flag doesn't fit the fused kernel)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
+    fused = device.type in ("cuda", "cpu") and not loss_scaling
     return torch.optim.AdamW(
         params,
         lr=optim.lr,

@@ -13,10 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-from torch.utils.checkpoint import checkpoint
 
 from adapter.checkpoint import (
     CheckpointManager,
@@ -37,6 +35,7 @@ from adapter.data.loader import (
 )
 from adapter.distributed import DistEnv, all_reduce_sum, init_distributed
 from adapter.export import export_model
+from adapter.loss import computing_loss, find_loss_head, last_positions, sum_cross_entropy
 from adapter.metrics import MetricsLogger, flops_per_token, peak_flops
 from adapter.models import (
     build_model,
@@ -47,7 +46,13 @@ from adapter.models import (
     resolve_family,
 )
 from adapter.optim import build_optimizer, build_scheduler
-from adapter.parallel import build_mesh, parallelize
+from adapter.parallel import (
+    autocast,
+    data_parallel,
+    describe_parallelism,
+    parallelize,
+    set_gradient_sync,
+)
 from adapter.peft import apply_peft, check_peft, load_kwargs
 from adapter.tokenizer import load_tokenizer, train_tokenizer
 
@@ -69,30 +74,6 @@ class TrainState:
         self.consumed_samples = int(state["consumed_samples"])
 
 
-CE_CHUNK_TOKENS = 4096
-"""Positions per chunk when low-precision logits are upcast to fp32 for the loss."""
-
-
-def sum_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the non-masked labels, computed in fp32.
-
-    The labels are shifted, not the logits (slicing them would copy the whole tensor).
-    fp32 logits go to one call; bf16/fp16 ones are upcast chunk by chunk under activation
-    checkpointing, so no fp32 copy (nor fp32 log-probabilities) of the full-vocabulary
-    logits of the whole batch is ever held.
-    """
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
-    flat = logits.flatten(0, 1)
-    if flat.dtype == torch.float32:
-        return F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    chunks = zip(flat.split(CE_CHUNK_TOKENS), targets.split(CE_CHUNK_TOKENS), strict=True)
-    return sum(checkpoint(_fp32_cross_entropy, x, y, use_reentrant=False) for x, y in chunks)
-
-
-def _fp32_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def forward(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
     inputs = {"input_ids": batch.input_ids.to(device)}
     # A 2-D padding mask without padding changes nothing but costs a 4-D mask in every
@@ -102,14 +83,14 @@ def forward(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tenso
         inputs["attention_mask"] = batch.attention_mask.to(device)
     if batch.position_ids is not None:
         inputs["position_ids"] = batch.position_ids.to(device)
+    labels = batch.labels.to(device)
+    head = find_loss_head(model)
     # use_cache=False also lets HF confine attention by packed position ids.
-    logits = model(**inputs, use_cache=False).logits
-    # Prompt/p-tuning prepend virtual tokens: the last len(input_ids) positions are the input's.
-    # (Only slice then: even a full-range slice costs a zero-filled copy in the backward.)
-    length = batch.input_ids.shape[1]
-    if logits.shape[1] != length:
-        logits = logits[:, -length:]
-    return sum_cross_entropy(logits, batch.labels.to(device))
+    if head is None:
+        logits = model(**inputs, use_cache=False).logits
+        return sum_cross_entropy(last_positions(logits, labels.shape[1]), labels)
+    with computing_loss(head, labels):
+        return model(**inputs, use_cache=False).logits
 
 
 class Trainer:
@@ -123,7 +104,12 @@ class Trainer:
         self.stats = DataStats()
         self.tokenizer = self._tokenizer_and_data()
         self.model = self._build_model()
-        self.optimizer = build_optimizer(self.model, recipe.model.optim, self.env.device)
+        self.optimizer = build_optimizer(
+            self.model,
+            recipe.model.optim,
+            self.env.device,
+            loss_scaling=recipe.trainer.precision == "16",
+        )
         self.sampler = GlobalBatchSampler(
             num_samples=len(self.train_set),
             global_batch=recipe.model.train_batch_size
@@ -213,13 +199,14 @@ class Trainer:
             layers = decoder_layers(model, self.family)
             self.num_layers = len(layers)
             self.hidden = getattr(model.config, "hidden_size", 0)
-            mesh = build_mesh(self.recipe, self.env.device.type)
-            return parallelize(model, layers, self.recipe, mesh)
+            return parallelize(model, layers, self.recipe, self.env.device)
 
-        # One full copy at most, on rank 0 (pretrained or seeded random init), broadcast
-        # shard by shard after sharding; the other ranks build on the meta device. 4-bit
-        # QLoRA weights are quantized as they load, on every rank.
-        if self.env.world_size > 1 and model_cfg.peft.peft_type != "qlora_4bit":
+        # Sharded: one full copy at most, on rank 0 (pretrained or seeded random init),
+        # broadcast shard by shard after sharding; the other ranks build on the meta device.
+        # 4-bit QLoRA weights are quantized as they load, on every rank. Replicated (DDP):
+        # every rank builds its copy, rank 0's weights are broadcast at the first forward.
+        sharded = self.env.world_size > 1 and data_parallel(self.recipe) == "fsdp"
+        if sharded and model_cfg.peft.peft_type != "qlora_4bit":
             model = build_pretrained_sharded(load_full, build_empty, shard, self.env)
         else:
             model = shard(load_full())
@@ -286,14 +273,16 @@ class Trainer:
         counts = torch.tensor(local, dtype=torch.float64, device=self.env.device)
         dist.all_reduce(counts)  # (label tokens, tokens) of the global batch, kept on the device
         # Gradients become the mean over every label token of the global batch, whatever
-        # the split across ranks and micro-batches (FSDP averages over ranks, hence × world).
+        # the split across ranks and micro-batches (FSDP and DDP average over ranks, hence
+        # × world).
         # A device tensor (the fp32 value a Python float would give): no host sync here.
         scale = (self.env.world_size / counts[0].clamp(min=1.0)).float()
         loss_sum = torch.zeros((), device=self.env.device)
         self.model.train()
         for i, batch in enumerate(micro):
-            self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            loss = forward(self.model, batch, self.env.device)
+            set_gradient_sync(self.model, i == len(micro) - 1)
+            with autocast(self.recipe, self.env.device):
+                loss = forward(self.model, batch, self.env.device)
             scaled = loss * scale
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
@@ -338,7 +327,8 @@ class Trainer:
                 batch = batches[min(i, len(batches) - 1)] if batches else None
                 if batch is None:
                     continue
-                loss = forward(self.model, batch, self.env.device)
+                with autocast(self.recipe, self.env.device):
+                    loss = forward(self.model, batch, self.env.device)
                 if i < len(batches):
                     total += loss.item()
                     tokens += batch.num_label_tokens
@@ -437,7 +427,8 @@ class Trainer:
     def _report_setup(self) -> None:
         stats, recipe = self.stats, self.recipe
         self.metrics.info(
-            f"world size {self.env.world_size} on {self.env.device.type}; "
+            f"world size {self.env.world_size} on {self.env.device.type} "
+            f"({describe_parallelism(recipe)}); "
             f"{self.num_params / 1e6:.2f}M parameters; {len(self.train_set)} train / "
             f"{len(self.val_set)} val samples; {self.sampler.steps_per_epoch} steps per epoch; "
             f"global batch {self.sampler.global_batch} = micro {recipe.model.train_batch_size} × "
@@ -467,9 +458,10 @@ class Trainer:
             if prompt_len < 2:  # no prompt (text, pre-tokenized): continue the first tokens
                 prompt_len = min(16, len(sample.input_ids) // 2)
             prompt = sample.input_ids[:prompt_len]
-            completion = greedy_complete(
-                self.model, prompt, self.tokenizer.eos_token_id, 12, self.env.device
-            )
+            with autocast(self.recipe, self.env.device):
+                completion = greedy_complete(
+                    self.model, prompt, self.tokenizer.eos_token_id, 12, self.env.device
+                )
             decode = self.tokenizer.decode
             rest = sample.input_ids[prompt_len : prompt_len + 24]
             expected = decode(rest, skip_special_tokens=True)

@@ -34,7 +34,7 @@ from adapter.config import Recipe, TrainerConfig, load_recipe
 from adapter.distributed import DistEnv, init_distributed
 from adapter.models import build_model, decoder_layers, family_of
 from adapter.optim import build_optimizer
-from adapter.parallel import build_mesh, parallelize
+from adapter.parallel import parallelize
 from adapter.schema import to_dict
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -89,7 +89,7 @@ def build(recipe: Recipe, env: DistEnv) -> tuple[nn.Module, torch.optim.Optimize
     model = build_model(recipe.model, recipe.model.vocab_size or 0)
     params = sum(p.numel() for p in model.parameters())
     layers = decoder_layers(model, family_of(recipe.model))
-    model = parallelize(model, layers, recipe, build_mesh(recipe, env.device.type))
+    model = parallelize(model, layers, recipe, env.device)
     return model, build_optimizer(model, recipe.model.optim, env.device), params
 
 

@@ -83,7 +83,6 @@ def build_trainer(settings: PeerSettings, world_size: int) -> Trainer:
         adam_beta2=settings.betas[1],
         adam_epsilon=settings.eps,
         max_grad_norm=settings.grad_clip,
-        optim="adamw_torch",
         logging_steps=1,
         save_strategy="no",
         report_to=[],

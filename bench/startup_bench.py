@@ -9,11 +9,13 @@ with the same pre-tokenized random-token data and tokenizer on both sides. Comma
 rotated order within each repetition:
 
 - ``adapter``: ``python main.py recipes=tiny_llama_sft cluster=local ...`` — what a user
-  types: Hydra compose, validation, rendering, then torchrun and the adapter;
+  types: Hydra compose, validation, rendering, then the adapter (one rank: no torchrun);
 - ``adapter_train_sh`` (not with --quick): the rendered per-node command alone (``bash
-  train.sh``: torchrun and the adapter), i.e. the launcher's share is the difference;
-- ``adapter_no_torchrun`` (not with --quick): ``python -m adapter.train recipe.yaml``, the
-  same recipe without torchrun, i.e. torchrun's share is the difference;
+  train.sh``: for one local rank the adapter in one process, no torchrun), i.e. the
+  launcher's share is the difference;
+- ``adapter_torchrun`` (not with --quick): ``torchrun --standalone --nproc_per_node=1 -m
+  adapter.train recipe.yaml``, the same recipe under torchrun (as the Slurm, Kubernetes and
+  SageMaker backends start every node), i.e. torchrun's share is the difference;
 - ``hf_trainer``: ``python bench/hf_peer.py`` — a plain Trainer script in one process;
 - ``adapter_demo`` (not with --quick): ``python main.py`` on the demo recipe as shipped,
   which also generates its data and trains its tokenizer.
@@ -35,6 +37,7 @@ from bench.common import (
     run_timed,
     say,
     stats,
+    torchrun,
     wait_for_quiet,
     write_result,
 )
@@ -115,14 +118,21 @@ def peer_settings(data: TokenData, out: Path) -> dict[str, Any]:
 
 def per_node_commands(results: Path, data: TokenData) -> dict[str, list[str]]:
     """The per-node command rendered by a dry run of the same launch (``train.sh``), and the
-    adapter started without torchrun on the same recipe (what a 1-process job could run)."""
+    adapter started by torchrun on the same recipe (as the remote backends start it)."""
     command = main_command(results, "bench_startup_sh", *same_data(data), "dry_run=true")
     run_timed(command).check("dry run for train.sh")
     run_dir = results / "bench_startup_sh"
     recipe = str(run_dir / "recipe.yaml")
     return {
         "adapter_train_sh": ["bash", str(run_dir / "train.sh")],
-        "adapter_no_torchrun": [sys.executable, "-m", "adapter.train", recipe],
+        "adapter_torchrun": [
+            torchrun(),
+            "--standalone",
+            "--nproc_per_node=1",
+            "-m",
+            "adapter.train",
+            recipe,
+        ],
     }
 
 
@@ -189,7 +199,7 @@ def run(options: Options) -> dict[str, Any]:
         data_out["ratio_train_sh"] = ratio(firsts["hf_trainer"], firsts["adapter_train_sh"])
         data_out["launcher_share_s"] = round(firsts["adapter"] - firsts["adapter_train_sh"], 3)
         data_out["torchrun_share_s"] = round(
-            firsts["adapter_train_sh"] - firsts["adapter_no_torchrun"], 3
+            firsts["adapter_torchrun"] - firsts["adapter_train_sh"], 3
         )
     settings = {
         "repeats": repeats,
@@ -226,21 +236,23 @@ def summarize(result: dict[str, Any]) -> list[Row]:
     if "adapter_train_sh" in first:
         rows.append(
             Row(
-                "start-up: the per-node command alone (`bash train.sh`: torchrun + adapter)",
+                "start-up: the per-node command alone (`bash train.sh`: one rank runs the "
+                "adapter in one process)",
                 f"{fmt(first['adapter_train_sh']['median'], 2)} s "
                 f"(launcher share {fmt(result['launcher_share_s'], 2)} s)",
                 f"{fmt(peer, 2)} s",
                 f"{result['ratio_train_sh']:.2f}×",
             )
         )
-    if "adapter_no_torchrun" in first:
+    if "adapter_torchrun" in first:
         rows.append(
             Row(
-                "start-up: the adapter without torchrun (`python -m adapter.train recipe.yaml`)",
-                f"{fmt(first['adapter_no_torchrun']['median'], 2)} s "
+                "start-up: the adapter under torchrun (`torchrun --standalone -m adapter.train`, "
+                "as remote backends start a node)",
+                f"{fmt(first['adapter_torchrun']['median'], 2)} s "
                 f"(torchrun's share {fmt(result['torchrun_share_s'], 2)} s)",
                 f"{fmt(peer, 2)} s",
-                f"{peer / first['adapter_no_torchrun']['median']:.2f}×",
+                f"{peer / first['adapter_torchrun']['median']:.2f}×",
             )
         )
     if "adapter_demo" in first:

@@ -6,14 +6,17 @@ Both sides train the same random-init Llama (~5M parameters: 4 layers, hidden 25
 4096) from the same config and seed, on the same random-token dataset in the same order,
 with the same global batch (8 x 256 tokens), AdamW, constant LR and gradient clipping, for
 1 and 2 ranks. The adapter runs as every backend runs it (``torchrun -m adapter.train
-recipe.yaml``; FSDP2 full_shard), the peer is ``bench/hf_peer.py`` under the same torchrun
-(DDP over gloo for 2 ranks). Runs alternate adapter/peer (ABBA over the repetitions) so
-that load from other processes hits both alike. A step's time is the wall time between
-the ends of consecutive optimizer steps (the adapter's ``metrics.jsonl`` rows, the peer's
-``on_step_end``), after ``warmup`` steps; a run's figure is the median of its steps, the
-result the median over repetitions; the ratio is the median of the per-repetition ratios
-(peer step time / adapter step time, so > 1 = the adapter is faster). The first losses of
-both must agree within 1e-4, which shows the two really train the same thing.
+recipe.yaml``), the peer is ``bench/hf_peer.py`` under the same torchrun. Both use the
+same parallelism: none on 1 rank, DDP over gloo on 2 (HF ``Trainer`` can't run FSDP on
+CPU; the adapter's ``sharding_strategy: no_shard`` is DDP). The adapter with FSDP2
+full_shard (the recipes' default) is a third side on 2 ranks, ``adapter_full_shard``. Runs
+alternate adapter/peer (ABBA over the repetitions) so that load from other processes hits
+both alike. A step's time is the wall time between the ends of consecutive optimizer steps
+(the adapter's ``metrics.jsonl`` rows, the peer's ``on_step_end``), after ``warmup``
+steps; a run's figure is the median of its steps, the result the median over repetitions;
+the ratio is the median of the per-repetition ratios (peer step time / adapter step time,
+so > 1 = the adapter is faster). The first losses of both must agree within 1e-4, which
+shows the two really train the same thing.
 
 Before/after in one run: point ``BENCH_ADAPTER_BASELINE`` at another checkout and its
 adapter (``torchrun -m adapter.train`` run from there) is a third side, ``adapter_baseline``.
@@ -216,13 +219,13 @@ def run_adapter(
     ranks: int,
     work: Path,
     root: Path = REPO,
-    sharding: str = "full_shard",
+    sharding: str = "no_shard",
+    side: str = "adapter",
 ) -> Run:
-    """``torchrun -m adapter.train recipe.yaml`` with the adapter package found in ``root``."""
+    """``torchrun -m adapter.train recipe.yaml`` with the adapter package found in ``root``
+    (``no_shard``: DDP on several ranks, like the peer)."""
     import yaml
 
-    side = "adapter" if root == REPO else "adapter_baseline"
-    side += "_replicated" if sharding == "no_shard" else ""
     exp_dir = work / f"{side}_{ranks}"
     recipe = work / f"{side}_{ranks}.yaml"
     recipe_data = adapter_recipe(size, data, ranks, exp_dir)
@@ -260,15 +263,19 @@ Side = Callable[[Size, TokenData, int, Path], Run]
 
 
 def sides(ranks: int) -> dict[str, Side]:
-    """The adapter, its peer, on several ranks also the adapter replicated like DDP
-    (``sharding_strategy: no_shard``) and, with ``BENCH_ADAPTER_BASELINE``, an older adapter."""
+    """The adapter, its peer, on several ranks also the adapter with FSDP2 full_shard and,
+    with ``BENCH_ADAPTER_BASELINE``, an older adapter."""
     found: dict[str, Side] = {"adapter": run_adapter, "hf_trainer": run_peer}
     if ranks > 1:
-        found["adapter_replicated"] = lambda s, d, r, w: run_adapter(s, d, r, w, REPO, "no_shard")
+        found["adapter_full_shard"] = lambda s, d, r, w: run_adapter(
+            s, d, r, w, REPO, "full_shard", "adapter_full_shard"
+        )
     baseline = os.environ.get("BENCH_ADAPTER_BASELINE")
     if baseline:
         root = Path(baseline).resolve()
-        found["adapter_baseline"] = lambda s, d, r, w: run_adapter(s, d, r, w, root)
+        found["adapter_baseline"] = lambda s, d, r, w: run_adapter(
+            s, d, r, w, root, side="adapter_baseline"
+        )
     return found
 
 
@@ -343,12 +350,12 @@ def summarize_ranks(size: Size, measured: list[dict[str, Run]], ranks: int) -> d
     }
     if "adapter_baseline" in mine[0]:
         summary["baseline"] = versus(mine, "adapter_baseline", tokens)
-    if "adapter_replicated" in mine[0]:
-        replicated = [runs["adapter_replicated"].step_median_s for runs in mine]
-        ratios = [p / r for p, r in zip(peer["step_s_samples"], replicated, strict=True)]
-        summary["replicated"] = {
-            "step_s": stats(replicated),
-            "tokens_per_s": round(tokens / median(replicated), 1),
+    if "adapter_full_shard" in mine[0]:
+        sharded = [runs["adapter_full_shard"].step_median_s for runs in mine]
+        ratios = [p / r for p, r in zip(peer["step_s_samples"], sharded, strict=True)]
+        summary["full_shard"] = {
+            "step_s": stats(sharded),
+            "tokens_per_s": round(tokens / median(sharded), 1),
             "ratio_vs_peer": round(median(ratios), 3),
         }
     return summary
@@ -388,7 +395,7 @@ def summarize(result: dict[str, Any]) -> list[Row]:
         rows.append(
             Row(
                 f"train: tokens/s, Llama {params:.1f}M, {tokens} tokens/step, CPU fp32, "
-                f"{ranks} rank(s); first losses {match} "
+                f"{ranks} rank(s){' DDP' if ranks != '1' else ''}; first losses {match} "
                 f"(max diff {entry['first_losses_max_abs_diff']:.1e})",
                 f"{fmt(entry['adapter_tokens_per_s'], 0)} tok/s "
                 f"({fmt(entry['adapter_step_s']['median'])} s/step)",
@@ -400,15 +407,16 @@ def summarize(result: dict[str, Any]) -> list[Row]:
                 entry["ratio"] >= 1.0 and entry["losses_match"],
             )
         )
-        if "replicated" in entry:
-            rep = entry["replicated"]
+        if "full_shard" in entry:
+            sharded = entry["full_shard"]
             rows.append(
                 Row(
-                    f"train: the same, adapter replicated like DDP (`sharding_strategy: "
-                    f"no_shard`), {ranks} rank(s)",
-                    f"{fmt(rep['tokens_per_s'], 0)} tok/s ({fmt(rep['step_s']['median'])} s/step)",
+                    f"train: the same, adapter with FSDP2 full_shard (the recipes' default; "
+                    f"HF Trainer can't shard on CPU), {ranks} rank(s)",
+                    f"{fmt(sharded['tokens_per_s'], 0)} tok/s "
+                    f"({fmt(sharded['step_s']['median'])} s/step)",
                     f"HF Trainer DDP: {fmt(entry['peer_tokens_per_s'], 0)} tok/s",
-                    f"{rep['ratio_vs_peer']:.2f}×",
+                    f"{sharded['ratio_vs_peer']:.2f}×",
                 )
             )
         if "baseline" in entry:

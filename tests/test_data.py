@@ -248,6 +248,25 @@ def test_hf_needs_a_saved_dataset_with_input_ids(tmp_path: Path) -> None:
         build(tmp_path, "hf", path)
 
 
+def test_hf_reads_every_shard_in_order_and_the_train_split_of_a_dataset_dict(
+    tmp_path: Path,
+) -> None:
+    from datasets import Dataset, DatasetDict
+
+    rows = [[1, 10 + i, 2] for i in range(5)]
+    Dataset.from_dict({"input_ids": rows}).save_to_disk(str(tmp_path / "sharded"), num_shards=3)
+    assert len(list((tmp_path / "sharded").glob("*.arrow"))) == 3
+    assert [ids for ids, _ in pairs(build(tmp_path, "hf", tmp_path / "sharded"))] == rows
+    splits = DatasetDict(
+        {
+            "validation": Dataset.from_dict({"input_ids": [[1, 99, 2]]}),
+            "train": Dataset.from_dict({"input_ids": rows[:2]}),
+        }
+    )
+    splits.save_to_disk(str(tmp_path / "dict"))
+    assert [ids for ids, _ in pairs(build(tmp_path, "hf", tmp_path / "dict"))] == rows[:2]
+
+
 def test_hf_needs_a_tokenizer_to_train_one_from(tmp_path: Path) -> None:
     path = save_dataset(tmp_path / "ds", {"input_ids": [[1, 5, 2]]})
     raw = load_raw(DataConfig(dataset_type="hf", train_dir=str(path)), 0, str(tmp_path), None)

@@ -90,3 +90,25 @@ def test_status_of_a_dir_that_is_not_a_run(tmp_path: Path) -> None:
     out = manage("status", str(tmp_path))
     assert out.returncode == 1
     assert f"{tmp_path}/launch.json not found" in out.stderr
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_one_rank_runs_without_torchrun(results: Path, devices: int) -> None:
+    """One rank: the adapter straight in this Python (no agent, no rendezvous); more ranks:
+    torchrun --standalone."""
+    run_main(
+        f"base_results_dir={results}",
+        "dry_run=true",
+        f"recipes.trainer.devices={devices}",
+        f"recipes.model.train_batch_size={8 // devices}",
+        "recipes.model.global_batch_size=8",
+        check=True,
+    )
+    run_dir = results / "tiny_llama_sft"
+    last = (run_dir / "train.sh").read_text().splitlines()[-1]
+    recipe = run_dir / "recipe.yaml"
+    if devices == 1:
+        assert last == f"exec {sys.executable} -m adapter.train {recipe}"
+    else:
+        torchrun = Path(sys.executable).parent / "torchrun"
+        assert last == f"exec {torchrun} --standalone --nproc_per_node=2 -m adapter.train {recipe}"

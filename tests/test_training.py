@@ -52,19 +52,40 @@ def test_reference_loss_falls(reference: list[float]) -> None:
             "recipes.model.shard_degree=1",
             "recipes.model.activation_checkpointing=true",
         ),
+        ("recipes.model.sharding_strategy=no_shard",),
         ("recipes.model.sharding_strategy=no_shard", "recipes.model.offload_activations=true"),
         ("recipes.model.sharding_strategy=shard_grad_op",),
     ],
-    ids=["full_shard", "hybrid_shard+ac", "no_shard+offload", "shard_grad_op"],
+    ids=["full_shard", "hybrid_shard+ac", "no_shard(ddp)", "no_shard+offload", "shard_grad_op"],
 )
 def test_two_ranks_match_one_rank_in_fp32(
-    overrides: tuple[str, ...], reference: list[float], results: Path
+    overrides: tuple[str, ...],
+    reference: list[float],
+    results: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
-    """Same global batch (16) split as 4 × 2 ranks × 2 accumulation: same losses."""
+    """Same global batch (16) split as 4 × 2 ranks × 2 accumulation: same losses (the
+    reference rank runs unwrapped, no_shard runs as DDP, offloading and the rest as FSDP2)."""
     losses = train(
         results, "two", "recipes.trainer.devices=2", "recipes.model.train_batch_size=4", *overrides
     )
     assert losses == pytest.approx(reference, abs=2e-5, rel=0)
+    expected = {
+        "full_shard": "FSDP2 full_shard)",
+        "hybrid_shard+ac": "FSDP2 hybrid_shard)",
+        "no_shard(ddp)": "DDP (replicated, gradient all-reduce))",
+        "no_shard+offload": "FSDP2 no_shard, parameters offloaded to CPU)",
+        "shard_grad_op": "FSDP2 shard_grad_op)",
+    }[request.node.callspec.id]
+    log = (results / "two" / "logs" / "train.log").read_text()
+    assert f"world size 2 on cpu ({expected}" in log
+
+
+def test_one_rank_runs_unwrapped(results: Path) -> None:
+    """Nothing to shard or replicate on one rank: no FSDP2/DDP wrapper (and its overhead)."""
+    train(results, "one", "recipes.trainer.max_steps=1", "recipes.model.train_batch_size=16")
+    log = (results / "one" / "logs" / "train.log").read_text()
+    assert "world size 1 on cpu (one rank, no data parallelism)" in log
 
 
 def test_bf16_mixed_precision_runs_close_to_fp32(reference: list[float], results: Path) -> None:
