@@ -256,7 +256,8 @@ class ModelConfig:
     val_batch_size: int | None = bounded(None, ge=1)
     """Micro-batch size for eval; null = ``train_batch_size``."""
     sharding_strategy: ShardingStrategy = "full_shard"
-    """FSDP2 sharding: full_shard (ZeRO-3), shard_grad_op (ZeRO-2), hybrid_shard, no_shard."""
+    """FSDP2 sharding: full_shard (ZeRO-3), shard_grad_op (ZeRO-2), hybrid_shard, no_shard
+    (replicated: runs as DDP). One rank without offloading runs the plain model."""
     shard_degree: int | None = bounded(None, ge=1)
     """GPUs per shard group for hybrid_shard; null = devices per node."""
     activation_checkpointing: bool = False

@@ -55,7 +55,8 @@ class LMHead(nn.Module):
 
 def install_loss_head(model: nn.Module) -> LMHead | None:
     """Swap the model's output ``nn.Linear`` for an ``LMHead``; None where it can't apply
-    (a head with a bias or of another type, logits transformed after the projection)."""
+    (a head with a bias or of another type, logits transformed after the projection, remote
+    code, whose forward may use the head in its own way)."""
     head = model.get_output_embeddings()
     config = getattr(model, "config", None)
     if isinstance(head, LMHead):
@@ -63,6 +64,8 @@ def install_loss_head(model: nn.Module) -> LMHead | None:
     if type(head) is not nn.Linear or head.bias is not None:
         return None
     if any(getattr(config, key, None) for key in LOGIT_TRANSFORMS):
+        return None
+    if getattr(config, "auto_map", None):
         return None
     replacement = LMHead(head)
     model.set_output_embeddings(replacement)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import BENCH_DIR, RESULTS_DIR, Options, run_timed, say
+from bench.common import BENCH_DIR, RESULTS_DIR, Options, run_timed, say, torchrun
 from bench.report import update_readme
 
 README = BENCH_DIR / "README.md"
@@ -32,11 +32,13 @@ class Script:
     """Arguments for ``--quick``; None = it has no tiny mode (skipped with --quick)."""
     out_flag: str | None = None
     """Its option naming the result file; None = it always writes ``bench/results``."""
+    ranks: tuple[int, ...] = (1,)
+    """World sizes it runs at (under ``torchrun`` for more than one; not with --quick)."""
 
 
 SCRIPTS: dict[str, Script] = {
     "packing": Script(quick=("--steps", "1", "--width", "128"), out_flag="--out"),
-    "checkpoint": Script(quick=("--models", "tiny", "--saves", "1")),
+    "checkpoint": Script(quick=("--models", "tiny", "--saves", "1"), ranks=(1, 2)),
 }
 
 
@@ -63,11 +65,17 @@ def run_script(name: str, options: Options) -> None:
     elif options.results_dir != RESULTS_DIR:
         say(f"{name}: skipped (it always writes {RESULTS_DIR}, not {options.results_dir})")
         return
-    command = [sys.executable, "-m", f"bench.{name}_bench", *args]
-    say(f"{name}: {' '.join(command[1:])}")
-    timed = run_timed(command)
-    print(timed.stdout[-4000:], end="", flush=True)
-    timed.check(f"bench/{name}_bench.py")
+    for ranks in script.ranks if not options.quick else (1,):
+        launch = (
+            [sys.executable]
+            if ranks == 1
+            else [torchrun(), "--standalone", f"--nproc_per_node={ranks}"]
+        )
+        command = [*launch, "-m", f"bench.{name}_bench", *args]
+        say(f"{name}: {' '.join(command[1:])}")
+        timed = run_timed(command)
+        print(timed.stdout[-4000:], end="", flush=True)
+        timed.check(f"bench/{name}_bench.py ({ranks} rank(s))")
 
 
 def run_one(name: str, options: Options) -> None:

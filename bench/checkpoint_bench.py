@@ -1,6 +1,7 @@
 """How long does a checkpoint block training? Sync vs async DCP saves, tiny and ~100M models.
 
-Runs the real ``CheckpointManager`` on an FSDP2-sharded Llama (CPU, gloo, fp32) and measures,
+Runs the real ``CheckpointManager`` on a Llama as the trainer spreads it (CPU, gloo, fp32: the
+plain model on one rank, FSDP2 full_shard on two) and measures,
 per save: the time the training loop is blocked (``save`` returning), the time until the
 checkpoint is complete (marker written), and the step time while an async write runs.
 

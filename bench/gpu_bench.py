@@ -1,14 +1,16 @@
-"""GPU: tokens/s/GPU, MFU and peak memory of a ~1B Llama, bf16 FSDP2, compile and AC off/on.
+"""GPU: tokens/s/GPU, MFU and peak memory of a ~1B Llama, bf16, compile and AC off/on.
 
     python -m bench gpu            (or: python -m bench.gpu_bench)
 
 Each configuration (``model.compile`` off/on x ``model.activation_checkpointing`` off/on)
 runs in its own process (``torchrun --nproc_per_node=1 -m bench.gpu_bench --worker``),
-which builds the real adapter ``Trainer`` (FSDP2 full_shard, bf16 params, fp32 reduce)
-on random tokens, runs ``warmup`` steps (compilation happens there), then times ``steps``
-optimizer steps between ``torch.cuda.synchronize()`` calls. MFU = tokens/s x FLOPs per
-token (``adapter.metrics.flops_per_token``: 6N + 6·L·h·s) / the GPU's dense bf16 peak
-(``adapter.metrics.peak_flops``). Peak memory is ``torch.cuda.max_memory_allocated``.
+which builds the real adapter ``Trainer`` (on one GPU the plain model under bf16 autocast
+with fp32 master weights, as every single-rank run; the recipe says FSDP2 full_shard,
+which applies from two GPUs) on random tokens, runs ``warmup`` steps (compilation happens
+there), then times ``steps`` optimizer steps between ``torch.cuda.synchronize()`` calls.
+MFU = tokens/s x FLOPs per token (``adapter.metrics.flops_per_token``: 6N + 6·L·h·s) / the
+GPU's dense bf16 peak (``adapter.metrics.peak_flops``). Peak memory is
+``torch.cuda.max_memory_allocated``.
 
 Without a CUDA device it writes nothing new and says why (an earlier GPU result is kept).
 """
@@ -189,18 +191,18 @@ def run(options: Options) -> dict[str, Any]:
         samples = (size.warmup + size.steps) * size.micro_batch
         data = make_token_data(Path(tmp) / "data", samples, size.seq, size.vocab, SEED)
         results = [measure(size, data, Path(tmp), c, ac) for c, ac in configs]
-    settings = {**asdict(size), "precision": "bf16", "sharding": "FSDP2 full_shard, 1 GPU"}
+    settings = {**asdict(size), "precision": "bf16", "sharding": "1 GPU: unwrapped, bf16 autocast"}
     return write_result(options, NAME, settings, {"configs": results, "goal_mfu": GOAL_MFU})
 
 
 def summarize(result: dict[str, Any]) -> list[Row]:
     if "skipped" in result:
-        what = "GPU: ~1B Llama, bf16 FSDP2 (tokens/s/GPU, MFU, memory)"
+        what = "GPU: ~1B Llama, bf16 (tokens/s/GPU, MFU, memory)"
         return [Row(what, f"not run: {result['skipped']}", goal=f"≥ {GOAL_MFU:.0%} MFU")]
     rows = []
     for config in result["configs"]:
         what = (
-            f"GPU {config.get('device', '?')}: ~1B Llama bf16 FSDP2, "
+            f"GPU {config.get('device', '?')}: ~1B Llama bf16, "
             f"compile {'on' if config['compile'] else 'off'}, "
             f"AC {'on' if config['activation_checkpointing'] else 'off'}"
         )

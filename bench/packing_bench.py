@@ -3,7 +3,7 @@
     python bench/packing_bench.py [--steps N] [--out bench/results/packing.json]
 
 Reads ``../shared/data/alpaca_tiny.json`` (100 Stanford Alpaca rows, CC BY-NC 4.0: measured,
-never shipped) relative to the repository root, builds two real trainers (FSDP2 on one CPU
+never shipped) relative to the repository root, builds two real trainers (one CPU
 rank, fp32) of the same tiny random-init Llama, one on padded samples and one on packed
 sequences, and times their ``train_step``s alternately (so that load from other processes
 hits both alike). Effective tokens/s counts non-pad tokens only.
@@ -63,7 +63,7 @@ class Run:
 
         self.packing = packing
         self.trainer = Trainer(load_recipe(recipe(exp_dir, packing, width, micro, steps)))
-        self.trainer.train_step()  # warm-up (allocations, first all-gather)
+        self.trainer.train_step()  # warm-up (allocations)
         self.sizes: list[int] = []
         self.tokens, self.seconds, self.steps = 0, 0.0, 0
         make_batch = self.trainer._batch
@@ -127,7 +127,7 @@ def main() -> int:
     result = {
         "dataset": "alpaca_tiny.json (100 Stanford Alpaca rows)",
         "model": f"random-init Llama: 2 layers, hidden {HIDDEN}, 4 heads, mlp {4 * HIDDEN}, "
-        "vocab 1024 (BPE tokenizer trained on the rows), fp32, FSDP2 on 1 CPU rank",
+        "vocab 1024 (BPE tokenizer trained on the rows), fp32, 1 CPU rank",
         "max_context_width": args.width,
         "micro_batch": args.micro,
         "machine": f"{platform.processor() or platform.machine()}, "

@@ -107,3 +107,6 @@ def test_heads_it_cannot_fuse_are_left_alone() -> None:
     model = WithBias()
     assert install_loss_head(model) is None
     assert type(model.head) is nn.Linear
+    model.head = nn.Linear(4, 8, bias=False)
+    model.config = type("RemoteCodeConfig", (), {"auto_map": {"AutoModel": "m.Model"}})()
+    assert install_loss_head(model) is None
