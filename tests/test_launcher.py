@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,7 @@ def test_dry_run_writes_resolved_recipe_script_and_record(results: Path) -> None
     assert recipe.trainer.max_steps == 20
     assert recipe.exp_manager.exp_dir == str(run_dir)
     script = (run_dir / "train.sh").read_text()
-    assert script.endswith(
-        f" --standalone --nproc_per_node=1 -m adapter.train {run_dir}/recipe.yaml\n"
-    )
+    assert script.endswith(f"\nexec {sys.executable} -m adapter.train {run_dir}/recipe.yaml\n")
     assert (run_dir / "train.sh").stat().st_mode & 0o111
     record = json.loads((run_dir / "launch.json").read_text())
     assert record["backend"] == "local"

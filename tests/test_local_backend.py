@@ -110,5 +110,6 @@ def test_one_rank_runs_without_torchrun(results: Path, devices: int) -> None:
     if devices == 1:
         assert last == f"exec {sys.executable} -m adapter.train {recipe}"
     else:
-        torchrun = Path(sys.executable).parent / "torchrun"
+        beside = Path(sys.executable).parent / "torchrun"  # else the one on PATH
+        torchrun = beside if beside.exists() else "torchrun"
         assert last == f"exec {torchrun} --standalone --nproc_per_node=2 -m adapter.train {recipe}"

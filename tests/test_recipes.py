@@ -223,9 +223,13 @@ CLUSTER_OVERRIDES: dict[str, Callable[[str, Path], list[str]]] = {
 
 def check_local(run_dir: Path, name: str) -> None:
     devices = recipe_data(name)["trainer"]["devices"]
+    script = (run_dir / "train.sh").read_text()
+    if name not in CUSTOM and devices == 1:  # one rank: the adapter without torchrun
+        assert script.endswith(f"exec {sys.executable} -m adapter.train {run_dir}/recipe.yaml\n")
+        return
     launcher = recipe_data(name)["script"]["launcher"] if name in CUSTOM else "torchrun"
     flag = {"torchrun": "--nproc_per_node", "composer": "--nproc", "deepspeed": "--num_gpus"}
-    assert f"{flag[launcher]}={devices}" in (run_dir / "train.sh").read_text()
+    assert f"{flag[launcher]}={devices}" in script
 
 
 def check_slurm(run_dir: Path, name: str) -> None:
