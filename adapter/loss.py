@@ -181,20 +181,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = None
         if grad_selected is not None:
             grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_selected)
-        ctx.save_for_backward(
-            *(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight))
-        )
+        ctx.save_for_backward(grad_hidden, grad_weight)  # None where not wanted
         ctx.weight_dtype = weight.dtype
-        ctx.has = (grad_hidden is not None, grad_weight is not None)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
-        has_hidden, has_weight = ctx.has
-        return (
-            grad_hidden * grad_output.to(grad_hidden.dtype) if has_hidden else None,
-            (grad_weight * grad_output).to(ctx.weight_dtype) if has_weight else None,
-            None,
-            None,
-        )
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None

@@ -90,3 +90,20 @@ def results(tmp_path: Path) -> Path:
     path = tmp_path / "results"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="module")
+def env() -> Any:
+    """A 1-rank gloo group in this process (unless one exists) and its ``DistEnv``, for
+    tests that drive the checkpoint manager or the exporter directly."""
+    import torch
+    import torch.distributed as dist
+
+    from adapter.distributed import DistEnv
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    if owned:
+        dist.destroy_process_group()

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
 
@@ -36,7 +35,6 @@ from adapter.schema import to_dict
 from tests.helpers_checkpoint import (
     REPO,
     flat_checkpoint,
-    free_port,
     kill_group,
     losses,
     metric_rows,
@@ -129,17 +127,6 @@ def test_reshard_2_to_1_to_2_ranks(reference: Path, tmp_path: Path) -> None:
 
 
 # --- the manager in this process (a 1-rank gloo group) -----------------------------------
-@pytest.fixture(scope="module")
-def env() -> Any:
-    owned = not dist.is_initialized()
-    if owned:
-        address = f"tcp://127.0.0.1:{free_port()}"
-        dist.init_process_group("gloo", init_method=address, rank=0, world_size=1)
-    yield DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    if owned:
-        dist.destroy_process_group()
-
-
 def recipe(tmp: Path, model: dict[str, Any] | None = None, **exp: Any) -> Recipe:
     callbacks = {"every_n_train_steps": 1, **exp.pop("callbacks", {})}
     return load_recipe(

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -23,20 +22,9 @@ from adapter.export import ExportSource, export_checkpoint, export_model, write_
 from adapter.export import main as export_main
 from adapter.generate import main as generate_main
 from adapter.tokenizer import train_tokenizer
-from tests.helpers_checkpoint import REPO, free_port, render, train
+from tests.helpers_checkpoint import REPO, render, train
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 7, 30, 31], [1, 8, 8, 4, 22, 3, 17, 6]])
-
-
-@pytest.fixture(scope="module")
-def env() -> Any:
-    owned = not dist.is_initialized()
-    if owned:
-        address = f"tcp://127.0.0.1:{free_port()}"
-        dist.init_process_group("gloo", init_method=address, rank=0, world_size=1)
-    yield DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    if owned:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
