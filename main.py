@@ -7,22 +7,48 @@ it, with ``dry_run=true``).
 
 import sys
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from launcher.compose import GROUPS, CompositionError, compose_config, options
+from launcher.launch import dump_yaml, launch
 
-from launcher.launch import launch
+USAGE = """\
+usage: python main.py [recipes=<recipe>] [cluster=<cluster>] [key=value ...]
+       python main.py --cfg [overrides]   print the composed config; launch nothing
+
+Overrides use Hydra's grammar: key=value, +new_key=value, ~key. Add a directory of your
+own recipes/ and cluster/ configs with hydra.searchpath=[file:///path/to/dir].
+Without arguments: the tiny Llama demo trains on this machine's CPU.
+"""
 
 
-@hydra.main(version_base="1.3", config_path="recipes_collection", config_name="config")
-def main(cfg: DictConfig) -> None:
+def usage() -> str:
+    choices = "".join(f"\n{group}: {', '.join(options(group))}" for group in GROUPS)
+    return USAGE + choices
+
+
+def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        print(usage())
+        return 0
+    show_config = "--cfg" in argv
+    overrides = [arg for arg in argv if arg != "--cfg"]
+    flags = [arg for arg in overrides if arg.startswith("-")]
+    if flags:
+        print(
+            f"error: unknown option {flags[0]!r}: main.py takes key=value overrides, --cfg "
+            "and --help (no sweeps: launch once per value)",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        composed = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as exc:
+        cfg = compose_config(overrides)
+    except CompositionError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(launch(composed))
+        return 2
+    if show_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    return launch(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -26,12 +26,11 @@ from typing import Any
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from adapter.schema import ConfigError, parse
 from launcher.__main__ import main as launcher_cli
 from launcher.backends.k8s import K8sBackend, K8sCluster, state_from_conditions
+from launcher.compose import compose_config as launcher_compose
 from launcher.job import Job, plan
 from launcher.launch import launch
 from tests.conftest import check_reference
@@ -119,9 +118,7 @@ G5_3NODES_CLUSTER: dict[str, Any] = {
 @functools.cache
 def compose_config(overrides: tuple[str, ...]) -> dict[str, Any]:
     """Hydra's composition of the general config (cached: tests must not mutate it)."""
-    with initialize_config_dir(config_dir=str(ROOT / "recipes_collection"), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+    return launcher_compose(overrides)
 
 
 def k8s_config(results: Path, *overrides: str, cluster: dict | None = None) -> dict[str, Any]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 
 from adapter.config import load_recipe
+from launcher.compose import compose_config
 from launcher.job import plan
 from tests.conftest import REPO, run_main
 
@@ -20,11 +20,7 @@ TINY_RECIPES = sorted(p.stem for p in (REPO / "recipes_collection/recipes").glob
 
 
 def composed(*overrides: str) -> dict:
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(str(REPO / "recipes_collection"), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose_config(overrides)
 
 
 @pytest.mark.parametrize("recipe", TINY_RECIPES)
@@ -146,7 +142,8 @@ def test_fp16_on_cpu_is_an_error_and_bf16_a_warning(results: Path) -> None:
 
 def test_unknown_recipe_lists_available(results: Path) -> None:
     out = run_main("recipes=tiny_lama_sft", f"base_results_dir={results}")
-    assert out.returncode != 0
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: In 'config': Could not find 'recipes/tiny_lama_sft'")
     assert "Could not find 'recipes/tiny_lama_sft'" in out.stderr
     assert "Available options in 'recipes':" in out.stderr
     assert "\ttiny_llama_sft" in out.stderr
@@ -154,6 +151,48 @@ def test_unknown_recipe_lists_available(results: Path) -> None:
 
 def test_unknown_key_without_plus_is_named(results: Path) -> None:
     out = run_main("recipes.trainer.max_step=3", f"base_results_dir={results}")
-    assert out.returncode != 0
-    assert "Key 'max_step' is not in struct" in out.stderr
-    assert "full_key: recipes.trainer.max_step" in out.stderr
+    assert out.returncode == 2
+    # Hydra's message and the OmegaConf error behind it, which names the full key.
+    assert out.stderr.splitlines()[:4] == [
+        "error: Could not override 'recipes.trainer.max_step'.",
+        "To append to your config use +recipes.trainer.max_step=3",
+        "Key 'max_step' is not in struct",
+        "    full_key: recipes.trainer.max_step",
+    ]
+    assert not any(results.iterdir())
+
+
+def test_help_lists_the_choices_of_each_group() -> None:
+    out = run_main("--help", check=True)
+    assert out.stdout.startswith("usage: python main.py [recipes=<recipe>] [cluster=<cluster>]")
+    assert "\ncluster: k8s, local, slurm, sm_jobs\n" in out.stdout
+    assert "tiny_llama_sft" in out.stdout.split("\nrecipes: ")[1].split("\n")[0]
+
+
+def test_cfg_prints_the_composed_config_and_writes_nothing(results: Path) -> None:
+    out = run_main(
+        "--cfg", "recipes.trainer.max_steps=7", f"base_results_dir={results}", check=True
+    )
+    printed = yaml.safe_load(out.stdout)
+    assert printed["recipes"]["trainer"]["max_steps"] == 7
+    assert printed["base_results_dir"] == str(results)
+    assert not any(results.iterdir())
+
+
+def test_unknown_option_is_refused_before_composing(results: Path) -> None:
+    out = run_main("-m", "recipes.trainer.max_steps=1,2", f"base_results_dir={results}")
+    assert out.returncode == 2
+    assert out.stderr == (
+        "error: unknown option '-m': main.py takes key=value overrides, --cfg and --help "
+        "(no sweeps: launch once per value)\n"
+    )
+    assert not any(results.iterdir())
+
+
+def test_searchpath_adds_a_directory_of_own_recipes(results: Path, tmp_path: Path) -> None:
+    own = tmp_path / "mine" / "recipes"
+    own.mkdir(parents=True)
+    recipe = (REPO / "recipes_collection" / "recipes" / "tiny_llama_sft.yaml").read_text()
+    (own / "my_llama.yaml").write_text(recipe.replace("tiny_llama_sft", "my_llama"))
+    cfg = compose_config([f"hydra.searchpath=[file://{own.parent}]", "recipes=my_llama"])
+    assert cfg["recipes"]["run"]["name"] == "my_llama"

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from adapter.config import load_recipe
+from launcher.compose import CompositionError, compose_config
 from launcher.instances import instance_spec
 from tests.conftest import REPO, read_metrics
 
@@ -117,26 +118,18 @@ def script_of(name: str) -> str:
 
 def compose(overrides: list[str]) -> dict[str, Any]:
     """The config ``python main.py <overrides>`` composes."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(str(COLLECTION), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return compose_config(overrides)
 
 
 def dry_run(overrides: list[str]) -> str:
     """Launch with ``dry_run=true`` as main.py does; '' on success, else what it printed."""
-    from hydra.errors import HydraException
-
     from launcher.launch import launch
 
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = launch(compose([*overrides, "dry_run=true"]))
-    except HydraException as exc:  # what main.py reports before launching
+    except CompositionError as exc:  # what main.py reports before launching
         return f"composition failed: {exc}"
     return "" if code == 0 else f"exit {code}\n{out.getvalue()}\n{err.getvalue()}"
 

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from adapter.schema import ConfigError, parse
 from launcher.backends.base import LaunchError
 from launcher.backends.slurm import SlurmBackend, SlurmCluster
+from launcher.compose import compose_config
 from launcher.job import Job, plan
 from launcher.launch import write_artifacts
 from tests.conftest import check_reference
@@ -67,12 +66,6 @@ FAST = [
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def compose_config(overrides: list[str]) -> dict[str, Any]:
-    with initialize_config_dir(config_dir=str(ROOT / "recipes_collection"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def plan_slurm(results: Path, *overrides: str) -> tuple[Job, SlurmBackend]:

@@ -23,8 +23,6 @@ from typing import Any
 import boto3
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from adapter.metrics import MetricsLogger
 from adapter.schema import ConfigError, parse
@@ -40,6 +38,7 @@ from launcher.backends.sm_jobs import (
     metric_definitions,
     stop_job,
 )
+from launcher.compose import compose_config
 from launcher.instances import instance_spec
 from launcher.job import Job, plan
 from launcher.launch import launch
@@ -182,12 +181,6 @@ def job(submitted: Submitted, monkeypatch: pytest.MonkeyPatch) -> Submitted:
     """The submitted job, with the environment pointed at its account."""
     use(submitted.account, monkeypatch)
     return submitted
-
-
-def compose_config(overrides: list[str]) -> dict[str, Any]:
-    with initialize_config_dir(config_dir=str(ROOT / "recipes_collection"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def write_data(directory: Path) -> Path:
@@ -548,11 +541,9 @@ def test_render_is_pure_and_never_imports_the_sdk_with_a_container(tmp_path: Pat
     overrides = [*G5, f"base_results_dir={tmp_path / 'results'}", "container=my/image:1"]
     script = f"""
 import sys
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from launcher.compose import compose_config
 from launcher.job import plan
-with initialize_config_dir(config_dir={str(ROOT / "recipes_collection")!r}, version_base="1.3"):
-    cfg = OmegaConf.to_container(compose("config", overrides={overrides!r}), resolve=True)
+cfg = compose_config({overrides!r})
 job, backend = plan(cfg)
 assert backend.render(job) == backend.render(job)
 print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'sagemaker', 'torch'}}))
