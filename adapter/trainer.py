@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+from adapter.attention import use_document_attention
 from adapter.checkpoint import (
     CheckpointManager,
     ModelOptimizerState,
@@ -83,6 +84,8 @@ def forward(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tenso
         inputs["attention_mask"] = batch.attention_mask.to(device)
     if batch.position_ids is not None:
         inputs["position_ids"] = batch.position_ids.to(device)
+    if batch.cu_seq_lens is not None:  # read by document_sdpa, ignored by HF's sdpa/eager
+        inputs["cu_seq_lens_q"] = batch.cu_seq_lens
     labels = batch.labels.to(device)
     head = find_loss_head(model)
     # use_cache=False also lets HF confine attention by packed position ids.
@@ -103,6 +106,7 @@ class Trainer:
         seed_everything(recipe.model.seed)
         self.stats = DataStats()
         self.tokenizer = self._tokenizer_and_data()
+        self.document_attention = False
         self.model = self._build_model()
         self.optimizer = build_optimizer(
             self.model,
@@ -196,6 +200,9 @@ class Trainer:
 
         def shard(model: nn.Module) -> nn.Module:
             self.num_trainable, self.num_params = count_parameters(model)
+            if self._packed_attention == "position_ids" and model_cfg.data.packing:
+                # Compiled layers keep HF's masked SDPA: per-document lengths vary by batch.
+                self.document_attention = not model_cfg.compile and use_document_attention(model)
             layers = decoder_layers(model, self.family)
             self.num_layers = len(layers)
             self.hidden = getattr(model.config, "hidden_size", 0)
@@ -442,6 +449,8 @@ class Trainer:
             )
         for line in data_report(stats, recipe.model.data.packing, recipe.model.max_context_width):
             self.metrics.info(line)
+        if self.document_attention:
+            self.metrics.info("packed attention: per document (document_sdpa), no L×L mask")
         if not self.val_set:
             self.metrics.info("no validation data (model.data.val_dir / val_split): no eval")
 

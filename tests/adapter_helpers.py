@@ -191,6 +191,7 @@ def _run_case(recipe_data: dict[str, Any]) -> dict[str, Any]:
         "num_trainable": trainer.num_trainable,
         "num_params": trainer.num_params,
         "layers": trainer.num_layers,
+        "document_attention": trainer.document_attention,
     }
 
 

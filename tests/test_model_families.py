@@ -38,6 +38,8 @@ def test_family_trains_under_two_rank_fsdp2(case: str) -> None:
     assert losses[-1] < losses[0] - 0.5, losses  # lr 1e-2 on arithmetic: a clear drop
     assert result["layers"] == 2  # the decoder layers were found and sharded
     assert result["trainable_changed"] == result["trainable"]
+    # Packed by position ids: each document attends within itself (document_sdpa).
+    assert result["document_attention"] == (case == "family-llama-packed")
 
 
 def test_unknown_model_type_lists_the_known_ones() -> None:

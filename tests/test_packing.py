@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adapter.attention import use_document_attention
 from adapter.config import DataConfig, ModelConfig
 from adapter.data.dataset import Datasets, build_datasets, load_raw
 from adapter.data.formats import IGNORE_INDEX, Sample
@@ -134,6 +135,8 @@ def token_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         inputs["attention_mask"] = batch.attention_mask
     if batch.position_ids is not None:
         inputs["position_ids"] = batch.position_ids
+    if batch.cu_seq_lens is not None:
+        inputs["cu_seq_lens_q"] = batch.cu_seq_lens
     logits = model(**inputs).logits
     flat = F.cross_entropy(
         logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), reduction="none"
@@ -154,9 +157,17 @@ def per_sample_losses(model: torch.nn.Module, rows: list[Sample], mode: str) -> 
     return out
 
 
-@pytest.mark.parametrize("family", NATIVE)
-def test_packed_losses_equal_unpacked_losses(family: str) -> None:
+POSITION_IDS = [f for f in NATIVE if FAMILIES[f].packing == "position_ids"]
+CASES = [(f, "hf_mask") for f in NATIVE] + [(f, "document") for f in POSITION_IDS]
+
+
+@pytest.mark.parametrize(("family", "attention"), CASES)
+def test_packed_losses_equal_unpacked_losses(family: str, attention: str) -> None:
+    """HF's mask from restarted position ids, MPT's block mask, and ``document_sdpa``."""
     model = tiny_model(family)
+    if attention == "document":
+        assert use_document_attention(model)
+        assert model.config._attn_implementation == "document_sdpa"
     mode = FAMILIES[family].packing
     with torch.no_grad():
         alone = [float(forward(model, pad_batch([s], 0), torch.device("cpu"))) for s in SAMPLES]
@@ -182,3 +193,50 @@ def test_without_confinement_packed_losses_differ() -> None:
     n = SAMPLES[0].input_ids.__len__()
     assert float(losses[: n - 1].sum()) == pytest.approx(alone[0], rel=1e-5)
     assert float(losses[n:].sum()) != pytest.approx(alone[1], rel=1e-3)
+
+
+def packed_gradients(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    forward(model, batch, torch.device("cpu")).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    ("family", "arch"),
+    [
+        ("llama", {"num_key_value_heads": 2}),  # grouped-query attention
+        ("mistral", {"config_overrides": {"sliding_window": 4}}),  # longer documents
+    ],
+)
+def test_document_attention_gradients_equal_the_masked_path(family: str, arch: dict) -> None:
+    rows = [concat_samples(SAMPLES[:2]), concat_samples(SAMPLES[2:])]
+    batch = pad_batch(rows, 0)
+    assert batch.cu_seq_lens.tolist() == [0, 6, 15, 19, 24, 30]  # the 2nd row's padding: a part
+    cfg = ModelConfig(model_type=family, seed=0, **{**FAMILY_ARCH[family], **arch})
+    special = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    masked = build_model(cfg, vocab_size=64, special_tokens=special)
+    document = build_model(cfg, vocab_size=64, special_tokens=special)
+    assert use_document_attention(document)
+    expected, got = packed_gradients(masked, batch), packed_gradients(document, batch)
+    assert got.keys() == expected.keys() and len(got) == len(list(masked.parameters()))
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_document_attention_without_bounds_is_hf_sdpa() -> None:
+    """Unpacked (padded) batches carry no bounds: HF's SDPA with the padding mask runs."""
+    batch = pad_batch(SAMPLES, 0)
+    assert batch.cu_seq_lens is None
+    plain, document = tiny_model("llama"), tiny_model("llama")
+    assert use_document_attention(document)
+    with torch.no_grad():
+        torch.testing.assert_close(token_losses(document, batch), token_losses(plain, batch))
+
+
+def test_bounds_that_do_not_cover_the_batch_are_an_error() -> None:
+    batch = pad_batch([concat_samples(SAMPLES[:2])], 0)
+    model = tiny_model("llama")
+    use_document_attention(model)
+    wrong = torch.tensor([0, 6, 14], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seq_lens_q covers 14 tokens, the batch 15"):
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids, cu_seq_lens_q=wrong)

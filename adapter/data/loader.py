@@ -32,6 +32,9 @@ class Batch:
     """Non-pad tokens in the batch."""
     num_label_tokens: int
     """Tokens that count in the loss (labels shifted by one)."""
+    cu_seq_lens: torch.Tensor | None = None
+    """Packed by position ids: where each part (document, or a row's padding) starts in the
+    flattened batch, and the end: int32 on the host (``document_sdpa`` reads it)."""
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> list[int]:
@@ -123,10 +126,12 @@ def pad_batch(
     num_label_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
     if all(s.seq_lens is None for s in samples):
         return Batch(ids, labels, mask, None, num_tokens, num_label_tokens)
-    parts = torch.stack([_part_ids(s, length) for s in samples])
     positions = torch.stack([_positions(s, length) for s in samples])
-    attention = block_causal_mask(parts) if packed_attention == "block_mask" else None
-    return Batch(ids, labels, attention, positions, num_tokens, num_label_tokens)
+    if packed_attention == "block_mask":
+        parts = torch.stack([_part_ids(s, length) for s in samples])
+        return Batch(ids, labels, block_causal_mask(parts), positions, num_tokens, num_label_tokens)
+    bounds = cumulative_lengths([n for s in samples for n in _lengths(s, length)])
+    return Batch(ids, labels, None, positions, num_tokens, num_label_tokens, bounds)
 
 
 def _lengths(sample: Sample, length: int) -> list[int]:
@@ -134,6 +139,11 @@ def _lengths(sample: Sample, length: int) -> list[int]:
     parts = list(sample.seq_lens or [len(sample.input_ids)])
     pad = length - sum(parts)
     return [*parts, pad] if pad else parts
+
+
+def cumulative_lengths(lengths: list[int]) -> torch.Tensor:
+    """0 and the running totals of ``lengths`` (int32, the layout of ``cu_seq_lens``)."""
+    return torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
 
 
 def _positions(sample: Sample, length: int) -> torch.Tensor:

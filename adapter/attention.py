@@ -1,0 +1,109 @@
+"""Attention confined to each packed document, without a (tokens × tokens) mask.
+
+Hugging Face confines a packed row's attention with a 4-D block-diagonal mask built from
+the restarted position ids; scaled-dot-product attention then scores every query against
+every key of the row and masks most of it away (and a masked kernel can't skip the causal
+upper half). ``document_sdpa`` instead runs causal SDPA on each document on its own: the
+row's work falls from (row length)² to Σ (document length)², with the same result.
+
+It is registered with Hugging Face's attention interface and takes the documents' bounds
+as ``cu_seq_lens_q`` (cumulative lengths over the flattened batch, the keyword HF's
+flash-attention varlen path uses); the collator computes them on the host. Batches without
+them (unpacked data, evaluation of plain samples) go to HF's own SDPA attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NAME = "document_sdpa"
+"""The attention implementation's name in Hugging Face's registry."""
+
+
+def document_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """HF attention function: ``query`` (B, H, L, D), ``key``/``value`` (B, H_kv, L, D) →
+    (B, L, H, D). Packed batches (``cu_seq_lens_q`` given) attend within each document."""
+    if cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, **kwargs
+        )
+    batch, heads, length, head_dim = query.shape
+    lengths = torch.diff(cu_seq_lens_q).tolist()
+    if sum(lengths) != batch * length:
+        raise ValueError(f"cu_seq_lens_q covers {sum(lengths)} tokens, the batch {batch * length}")
+    dropout = dropout if module.training else 0.0
+    # Every row's tokens one after another: documents are then contiguous slices, and
+    # split/cat (unlike per-slice indexing) cost one gradient copy each in the backward.
+    pieces = [flatten_tokens(t).split(lengths) for t in (query, key, value)]
+    outputs = [
+        one_document(q, k, v, dropout, scaling, sliding_window)
+        for q, k, v in zip(*pieces, strict=True)
+    ]
+    return torch.cat(outputs).view(batch, length, heads, head_dim), None
+
+
+def flatten_tokens(states: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) → (B·L, H, D)."""
+    batch, heads, length, head_dim = states.shape
+    return states.transpose(1, 2).reshape(batch * length, heads, head_dim)
+
+
+def one_document(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Causal attention of one document: (n, H, D) each → (n, H, D)."""
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    n = q.shape[2]
+    options = {"dropout_p": dropout, "scale": scaling, "enable_gqa": q.shape[1] != k.shape[1]}
+    if sliding_window is not None and n > sliding_window:
+        positions = torch.arange(n, device=q.device)
+        distance = positions[:, None] - positions[None, :]
+        window = (distance >= 0) & (distance < sliding_window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=window, **options)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **options)
+    return out[0].transpose(0, 1)
+
+
+def register() -> None:
+    """Make ``document_sdpa`` an attention implementation HF models can be set to.
+
+    The mask function is SDPA's: batches that aren't packed still need their padding
+    mask, and a packed batch's mask is built but not read.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, document_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_document_attention(model: nn.Module) -> bool:
+    """Switch a model that runs HF's SDPA attention to ``document_sdpa``; False if it
+    runs another implementation (eager, flash-attention: left as they are)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    register()
+    model.set_attn_implementation(NAME)
+    return True
