@@ -76,17 +76,18 @@ class TrainState:
 
 
 def forward(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    inputs = {"input_ids": batch.input_ids.to(device)}
+    batch = batch.to(device)
+    inputs = {"input_ids": batch.input_ids}
     # A 2-D padding mask without padding changes nothing but costs a 4-D mask in every
     # attention layer (HF then can't take sdpa's is_causal path): leave it out.
     padded = batch.num_tokens < batch.input_ids.numel()
     if batch.attention_mask is not None and (batch.attention_mask.dim() != 2 or padded):
-        inputs["attention_mask"] = batch.attention_mask.to(device)
+        inputs["attention_mask"] = batch.attention_mask
     if batch.position_ids is not None:
-        inputs["position_ids"] = batch.position_ids.to(device)
+        inputs["position_ids"] = batch.position_ids
     if batch.cu_seq_lens is not None:  # read by document_sdpa, ignored by HF's sdpa/eager
         inputs["cu_seq_lens_q"] = batch.cu_seq_lens
-    labels = batch.labels.to(device)
+    labels = batch.labels
     head = find_loss_head(model)
     # use_cache=False also lets HF confine attention by packed position ids.
     if head is None:
@@ -275,7 +276,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, int, float]:
         """One optimizer step over this rank's micro-batches; returns (loss, tokens, grad norm)."""
-        micro = [self._batch(indices) for indices in self.sampler.next_step()]
+        micro = [self._batch(indices).to(self.env.device) for indices in self.sampler.next_step()]
         local = [sum(b.num_label_tokens for b in micro), sum(b.num_tokens for b in micro)]
         counts = torch.tensor(local, dtype=torch.float64, device=self.env.device)
         dist.all_reduce(counts)  # (label tokens, tokens) of the global batch, kept on the device

@@ -240,3 +240,19 @@ def test_bounds_that_do_not_cover_the_batch_are_an_error() -> None:
     wrong = torch.tensor([0, 6, 14], dtype=torch.int32)
     with pytest.raises(ValueError, match="cu_seq_lens_q covers 14 tokens, the batch 15"):
         model(input_ids=batch.input_ids, position_ids=batch.position_ids, cu_seq_lens_q=wrong)
+
+
+def test_batches_stay_where_they_are_on_the_cpu() -> None:
+    batch = pad_batch([concat_samples(SAMPLES[:2])], 0)
+    assert batch.to(torch.device("cpu")) is batch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
+def test_batches_go_to_the_gpu_through_pinned_memory() -> None:
+    batch = pad_batch([concat_samples(SAMPLES[:2]), SAMPLES[2]], 0)
+    moved = batch.to(torch.device("cuda"))
+    for name in ("input_ids", "labels", "position_ids"):
+        assert getattr(moved, name).is_cuda
+        assert torch.equal(getattr(moved, name).cpu(), getattr(batch, name))
+    assert moved.cu_seq_lens is batch.cu_seq_lens  # read on the host by document_sdpa
+    assert moved.to(torch.device("cuda")) is moved

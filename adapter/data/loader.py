@@ -9,7 +9,7 @@ the position (epoch, step in epoch) is all a checkpoint needs to continue exactl
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -35,6 +35,27 @@ class Batch:
     cu_seq_lens: torch.Tensor | None = None
     """Packed by position ids: where each part (document, or a row's padding) starts in the
     flattened batch, and the end: int32 on the host (``document_sdpa`` reads it)."""
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch's tensors on ``device`` (``cu_seq_lens`` stays on the host).
+
+        To a GPU through pinned memory without blocking: a copy from pageable memory would
+        make the host wait for the GPU to finish the previous micro-batch before it can
+        queue the next one's kernels.
+        """
+        if device.type != "cuda" or self.input_ids.device.type == "cuda":
+            return self
+
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.pin_memory().to(device, non_blocking=True)
+
+        return replace(
+            self,
+            input_ids=move(self.input_ids),
+            labels=move(self.labels),
+            attention_mask=move(self.attention_mask),
+            position_ids=move(self.position_ids),
+        )
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> list[int]:
