@@ -14,6 +14,8 @@ them (unpacked data, evaluation of plain samples) go to HF's own SDPA attention.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,25 +44,36 @@ def document_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, **kwargs
         )
-    batch, heads, length, head_dim = query.shape
-    lengths = torch.diff(cu_seq_lens_q).tolist()
-    if sum(lengths) != batch * length:
-        raise ValueError(f"cu_seq_lens_q covers {sum(lengths)} tokens, the batch {batch * length}")
+    batch, _, length, _ = query.shape
+    parts = row_parts(cu_seq_lens_q.tolist(), batch, length)
     dropout = dropout if module.training else 0.0
-    # Every row's tokens one after another: documents are then contiguous slices, and
-    # split/cat (unlike per-slice indexing) cost one gradient copy each in the backward.
-    pieces = [flatten_tokens(t).split(lengths) for t in (query, key, value)]
-    outputs = [
-        one_document(q, k, v, dropout, scaling, sliding_window)
-        for q, k, v in zip(*pieces, strict=True)
-    ]
-    return torch.cat(outputs).view(batch, length, heads, head_dim), None
+    rows = []
+    # unbind/split/cat/stack: views forward, one gradient copy each backward (indexing
+    # every document would allocate a batch-sized gradient per document).
+    by_row = [t.unbind(0) for t in (query, key, value)]
+    for row, lengths in enumerate(parts):
+        documents = [rows_of[row].split(lengths, 1) for rows_of in by_row]
+        outputs = [
+            one_document(q, k, v, dropout, scaling, sliding_window)
+            for q, k, v in zip(*documents, strict=True)
+        ]
+        rows.append(torch.cat(outputs, dim=1))
+    return torch.stack(rows).transpose(1, 2), None
 
 
-def flatten_tokens(states: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) → (B·L, H, D)."""
-    batch, heads, length, head_dim = states.shape
-    return states.transpose(1, 2).reshape(batch * length, heads, head_dim)
+def row_parts(bounds: list[int], batch: int, length: int) -> list[list[int]]:
+    """Each row's part lengths from ``cu_seq_lens`` over the flattened (batch × length)."""
+    if bounds[:1] != [0] or bounds[-1] != batch * length:
+        raise ValueError(
+            f"cu_seq_lens_q covers {bounds[-1] - bounds[0]} tokens, the batch {batch * length}"
+        )
+    parts: list[list[int]] = [[] for _ in range(batch)]
+    for start, end in itertools.pairwise(bounds):
+        row = start // length
+        if not start < end <= (row + 1) * length:
+            raise ValueError(f"cu_seq_lens_q: part {start}..{end} crosses rows of {length}")
+        parts[row].append(end - start)
+    return parts
 
 
 def one_document(
@@ -71,8 +84,8 @@ def one_document(
     scaling: float | None,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    """Causal attention of one document: (n, H, D) each → (n, H, D)."""
-    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    """Causal attention of one document: (H, n, D) each (H_kv for key, value) → (H, n, D)."""
+    q, k, v = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
     n = q.shape[2]
     options = {"dropout_p": dropout, "scale": scaling, "enable_gqa": q.shape[1] != k.shape[1]}
     if sliding_window is not None and n > sliding_window:
@@ -82,7 +95,7 @@ def one_document(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=window, **options)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **options)
-    return out[0].transpose(0, 1)
+    return out[0]
 
 
 def register() -> None:

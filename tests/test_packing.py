@@ -233,12 +233,19 @@ def test_document_attention_without_bounds_is_hf_sdpa() -> None:
         torch.testing.assert_close(token_losses(document, batch), token_losses(plain, batch))
 
 
-def test_bounds_that_do_not_cover_the_batch_are_an_error() -> None:
-    batch = pad_batch([concat_samples(SAMPLES[:2])], 0)
+@pytest.mark.parametrize(
+    ("bounds", "message"),
+    [
+        ([0, 6, 29], "cu_seq_lens_q covers 29 tokens, the batch 30"),
+        ([0, 10, 20, 30], "cu_seq_lens_q: part 10..20 crosses rows of 15"),
+    ],
+)
+def test_bounds_that_do_not_tile_the_rows_are_an_error(bounds: list[int], message: str) -> None:
+    batch = pad_batch([concat_samples(SAMPLES[:2]), concat_samples(SAMPLES[2:])], 0)
     model = tiny_model("llama")
     use_document_attention(model)
-    wrong = torch.tensor([0, 6, 14], dtype=torch.int32)
-    with pytest.raises(ValueError, match="cu_seq_lens_q covers 14 tokens, the batch 15"):
+    wrong = torch.tensor(bounds, dtype=torch.int32)
+    with pytest.raises(ValueError, match=message):
         model(input_ids=batch.input_ids, position_ids=batch.position_ids, cu_seq_lens_q=wrong)
 
 
