@@ -37,7 +37,7 @@ class Script:
 
 
 SCRIPTS: dict[str, Script] = {
-    "packing": Script(quick=("--steps", "1", "--width", "128"), out_flag="--out"),
+    "packing": Script(quick=("--steps", "1", "--repeats", "1", "--width", "128"), out_flag="--out"),
     "checkpoint": Script(quick=("--models", "tiny", "--saves", "1"), ranks=(1, 2)),
 }
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -155,8 +154,10 @@ def save_rows(rows: list[dict[str, Any]]) -> None:
     table = {(r["model"], r["mode"], r["world_size"]): r for r in existing.get("rows", [])}
     table.update({(r["model"], r["mode"], r["world_size"]): r for r in rows})
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    RESULTS.write_text(json.dumps({"machine": machine, "rows": list(table.values())}, indent=2))
+    from bench.common import machine
+
+    result = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine()}
+    RESULTS.write_text(json.dumps({**result, "rows": list(table.values())}, indent=2))
 
 
 def main() -> None:

@@ -1,19 +1,26 @@
 """Padding share and effective (non-pad) tokens/s with and without packing, on real Alpaca rows.
 
-    python bench/packing_bench.py [--steps N] [--out bench/results/packing.json]
+    python bench/packing_bench.py [--steps N] [--repeats N] [--out bench/results/packing.json]
 
 Reads ``../shared/data/alpaca_tiny.json`` (100 Stanford Alpaca rows, CC BY-NC 4.0: measured,
 never shipped) relative to the repository root, builds two real trainers (one CPU
-rank, fp32) of the same tiny random-init Llama, one on padded samples and one on packed
-sequences, and times their ``train_step``s alternately (so that load from other processes
-hits both alike). Effective tokens/s counts non-pad tokens only.
+rank, fp32) of the same tiny random-init Llama, one on padded samples and two on packed
+sequences (attention per document, ``document_sdpa``, as the adapter trains packed data;
+and HF's SDPA with the block mask it builds from the restarted position ids, the adapter
+before ``document_sdpa``), and times their ``train_step``s alternately (so that load from
+other processes hits all alike). Every repetition starts the samplers from the beginning
+and runs as many steps as one epoch takes without packing (each padded batch once; the
+padding share of another epoch's order differs by several points). Effective tokens/s
+counts non-pad tokens only; the figure is the median over repetitions. The bound
+is what packing could give if every token cost the same: (1 − packed padding share) /
+(1 − padded padding share).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -57,15 +64,22 @@ def recipe(exp_dir: str, packing: bool, width: int, micro: int, steps: int) -> d
 class Run:
     """One trainer (packed or not) whose steps are timed one at a time."""
 
-    def __init__(self, exp_dir: str, packing: bool, width: int, micro: int, steps: int) -> None:
+    def __init__(
+        self, exp_dir: str, packing: bool, width: int, micro: int, steps: int, hf_mask: bool
+    ) -> None:
         from adapter.config import load_recipe
         from adapter.trainer import Trainer
 
         self.packing = packing
         self.trainer = Trainer(load_recipe(recipe(exp_dir, packing, width, micro, steps)))
+        assert self.trainer.document_attention == packing
+        if hf_mask:  # HF's SDPA ignores the batches' document bounds and builds its mask
+            self.trainer.model.set_attn_implementation("sdpa")
+        self.attention = "hf_mask" if hf_mask or not packing else "document_sdpa"
         self.trainer.train_step()  # warm-up (allocations)
         self.sizes: list[int] = []
         self.tokens, self.seconds, self.steps = 0, 0.0, 0
+        self.rates: list[float] = []
         make_batch = self.trainer._batch
 
         def counted(indices: list[int]) -> Any:  # record the padded size of every batch
@@ -75,17 +89,26 @@ class Run:
 
         self.trainer._batch = counted
 
+    def rewind(self) -> None:
+        """Back to the first step of the first epoch (the same batches every repetition)."""
+        self.trainer.sampler.load_state_dict({"epoch": 0, "step_in_epoch": 0})
+        self.rates.append(0.0)
+        self.repetition = (self.tokens, self.seconds)
+
     def step(self) -> None:
         start = time.perf_counter()
         self.tokens += self.trainer.train_step()[1]
         self.seconds += time.perf_counter() - start
         self.steps += 1
+        tokens, seconds = self.repetition
+        self.rates[-1] = (self.tokens - tokens) / (self.seconds - seconds)
 
     def result(self) -> dict[str, Any]:
         stats = self.trainer.stats
         padded = sum(self.sizes)
         return {
             "packing": self.packing,
+            "attention": self.attention,
             "train_sequences": stats.sequences,
             "train_samples": stats.samples,
             "padding_share_logged": round(
@@ -96,23 +119,49 @@ class Run:
             "seconds": round(self.seconds, 3),
             "nonpad_tokens": int(self.tokens),
             "padded_tokens": int(padded),
-            "effective_tokens_per_s": round(self.tokens / self.seconds, 1),
+            "effective_tokens_per_s_per_repetition": [round(r, 1) for r in self.rates],
+            "effective_tokens_per_s": round(statistics.median(self.rates), 1),
         }
 
 
-def measure(width: int, micro: int, steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Alternate unpacked and packed steps so that load from other processes hits both."""
+SCHEDULE_STEPS = 10**6
+"""The recipes' max_steps (the LR schedule's length): never reached, the bench stops first."""
+SIDES = {"unpacked": (False, False), "packed": (True, False), "packed_hf_mask": (True, True)}
+"""Result key → (packing, HF's masked SDPA instead of document_sdpa)."""
+
+
+def measure(width: int, micro: int, steps: int | None, repeats: int) -> dict[str, Run]:
+    """Alternate the sides' steps so that load from other processes hits all alike."""
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [Run(f"{tmp}/{p}", p, width, micro, steps + 1) for p in (False, True)]
-        for _ in range(steps):
-            for run in runs:
-                run.step()
-        return runs[0].result(), runs[1].result()
+        runs = {
+            name: Run(f"{tmp}/{name}", packing, width, micro, SCHEDULE_STEPS, hf_mask)
+            for name, (packing, hf_mask) in SIDES.items()
+        }
+        steps = steps or runs["unpacked"].trainer.sampler.steps_per_epoch
+        for _ in range(repeats):
+            for run in runs.values():
+                run.rewind()
+            for _ in range(steps):
+                for run in runs.values():
+                    run.step()
+        return runs
+
+
+def speedup(runs: dict[str, Run], faster: str, slower: str) -> float:
+    """Median over repetitions of the ratio of effective tokens/s."""
+    pairs = zip(runs[faster].rates, runs[slower].rates, strict=True)
+    return round(statistics.median(fast / slow for fast, slow in pairs), 3)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per mode")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per side and repetition (default: one epoch without packing)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions")
     parser.add_argument("--width", type=int, default=512, help="max_context_width")
     parser.add_argument("--micro", type=int, default=8, help="micro-batch (sequences)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "packing.json")
@@ -122,19 +171,25 @@ def main() -> int:
         return 2
     import torch
 
-    unpacked, packed = measure(args.width, args.micro, args.steps)
-    speedup = packed["effective_tokens_per_s"] / unpacked["effective_tokens_per_s"]
+    from bench.common import machine
+
+    runs = measure(args.width, args.micro, args.steps, args.repeats)
+    sides = {name: run.result() for name, run in runs.items()}
+    shares = [sides[name]["padding_share_measured"] for name in ("packed", "unpacked")]
     result = {
         "dataset": "alpaca_tiny.json (100 Stanford Alpaca rows)",
         "model": f"random-init Llama: 2 layers, hidden {HIDDEN}, 4 heads, mlp {4 * HIDDEN}, "
         "vocab 1024 (BPE tokenizer trained on the rows), fp32, 1 CPU rank",
         "max_context_width": args.width,
         "micro_batch": args.micro,
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "unpacked": unpacked,
-        "packed": packed,
-        "speedup_effective_tokens_per_s": round(speedup, 2),
+        "repeats": args.repeats,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {**machine(), "torch_threads": torch.get_num_threads()},
+        **sides,
+        "speedup_effective_tokens_per_s": speedup(runs, "packed", "unpacked"),
+        "speedup_hf_mask": speedup(runs, "packed_hf_mask", "unpacked"),
+        "document_vs_hf_mask": speedup(runs, "packed", "packed_hf_mask"),
+        "bound_equal_token_cost": round((1 - shares[0]) / (1 - shares[1]), 3),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -42,9 +42,11 @@ def times(value: float | None) -> str:
 def _packing(result: dict[str, Any]) -> list[Row]:
     unpacked, packed = result.get("unpacked", {}), result.get("packed", {})
     speedup = result.get("speedup_effective_tokens_per_s")
-    return [
+    bound = result.get("bound_equal_token_cost")
+    rows = [
         Row(
-            "packing: effective (non-pad) tokens/s, Alpaca lengths, 1 CPU rank",
+            "packing: effective (non-pad) tokens/s, Alpaca lengths, 1 CPU rank; bound if "
+            f"every token cost the same: {times(bound)}",
             fmt(packed.get("effective_tokens_per_s"), 0, " tok/s (packed)"),
             fmt(unpacked.get("effective_tokens_per_s"), 0, " tok/s (padded)"),
             times(speedup),
@@ -52,6 +54,18 @@ def _packing(result: dict[str, Any]) -> list[Row]:
             None if speedup is None else speedup >= 2.0,
         )
     ]
+    masked = result.get("packed_hf_mask")
+    if masked:
+        rows.append(
+            Row(
+                "packing: the same, packed rows attending through HF's block mask (the "
+                "adapter before `document_sdpa`)",
+                fmt(masked.get("effective_tokens_per_s"), 0, " tok/s (packed, HF mask)"),
+                fmt(unpacked.get("effective_tokens_per_s"), 0, " tok/s (padded)"),
+                times(result.get("speedup_hf_mask")),
+            )
+        )
+    return rows
 
 
 def _checkpoint(result: dict[str, Any]) -> list[Row]:
