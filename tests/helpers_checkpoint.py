@@ -187,6 +187,9 @@ def load_pretrained_worker(model_dir: str, out: str) -> None:
     dist.all_gather_object(gathered, on_meta)
     if rank == 0:
         torch.save({"logits": logits, "on_meta": gathered}, out)
+    # Leave together: a rank still reading from gloo's sockets when its peer has closed them
+    # aborts ("terminate called without an active exception"; seen once in CI).
+    dist.barrier()
     dist.destroy_process_group()
 
 
