@@ -22,6 +22,9 @@ from torch import nn
 
 NAME = "document_sdpa"
 """The attention implementation's name in Hugging Face's registry."""
+UNSUPPORTED = ("softcap", "s_aux", "position_bias")
+"""Attention keywords of other HF families (logit soft-capping, sinks, relative position
+bias) that per-document SDPA doesn't implement: refused rather than ignored."""
 
 
 def document_attention(
@@ -42,8 +45,19 @@ def document_attention(
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout, scaling, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout,
+            scaling,
+            sliding_window=sliding_window,
+            **kwargs,
         )
+    unsupported = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"document_sdpa can't apply {', '.join(unsupported)}")
     batch, _, length, _ = query.shape
     parts = row_parts(cu_seq_lens_q.tolist(), batch, length)
     dropout = dropout if module.training else 0.0

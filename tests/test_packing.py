@@ -263,3 +263,13 @@ def test_batches_go_to_the_gpu_through_pinned_memory() -> None:
         assert torch.equal(getattr(moved, name).cpu(), getattr(batch, name))
     assert moved.cu_seq_lens is batch.cu_seq_lens  # read on the host by document_sdpa
     assert moved.to(torch.device("cuda")) is moved
+
+
+def test_attention_keywords_it_cannot_apply_are_refused() -> None:
+    from adapter.attention import document_attention
+
+    states = torch.zeros(1, 2, 4, 8)
+    bounds = torch.tensor([0, 4], dtype=torch.int32)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="document_sdpa can't apply softcap"):
+        document_attention(module, states, states, states, None, cu_seq_lens_q=bounds, softcap=30.0)
