@@ -25,6 +25,7 @@ class CompositionError(Exception):
 
 def compose_config(overrides: Sequence[str], collection: Path = COLLECTION) -> dict[str, Any]:
     """The resolved config tree that ``python main.py <overrides>`` launches."""
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -34,7 +35,8 @@ def compose_config(overrides: Sequence[str], collection: Path = COLLECTION) -> d
         with initialize_config_dir(str(collection), version_base="1.3", job_name="main"):
             cfg = compose(PRIMARY_CONFIG, overrides=list(overrides))
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except (HydraException, OmegaConfBaseException) as exc:
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as exc:
+        # YAML errors name the file, line and column of the mistake themselves.
         raise CompositionError(explain(exc)) from exc
 
 

@@ -189,6 +189,20 @@ def test_unknown_option_is_refused_before_composing(results: Path) -> None:
     assert not any(results.iterdir())
 
 
+def test_a_yaml_mistake_names_the_file_and_line(results: Path, tmp_path: Path) -> None:
+    own = tmp_path / "mine" / "recipes"
+    own.mkdir(parents=True)
+    (own / "broken.yaml").write_text("run:\n  name: [unclosed\n")
+    out = run_main(
+        f"hydra.searchpath=[file://{own.parent}]", "recipes=broken", f"base_results_dir={results}"
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: while parsing a flow sequence\n")
+    assert f'in "{own / "broken.yaml"}", line 2, column 9' in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not any(results.iterdir())
+
+
 def test_searchpath_adds_a_directory_of_own_recipes(results: Path, tmp_path: Path) -> None:
     own = tmp_path / "mine" / "recipes"
     own.mkdir(parents=True)
