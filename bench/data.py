@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SPECIAL = ("<pad>", "<s>", "</s>", "<unk>")
 """Special tokens, ids 0-3 (the random tokens never use them)."""
@@ -71,3 +72,38 @@ def make_token_data(
 def special_token_ids() -> dict[str, int]:
     """pad/bos/eos ids as the adapter puts them into a random-init model's config."""
     return {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def nothing_saved(exp_dir: Path) -> dict[str, Any]:
+    """A recipe's ``exp_manager`` for a timed run: no resume, checkpoints or export."""
+    return {
+        "exp_dir": str(exp_dir),
+        "auto_resume": False,
+        "checkpoint_callback_params": {"every_n_train_steps": 0, "save_last": False},
+        "export_full_model": {"save_last": False},
+    }
+
+
+def random_llama(
+    data: TokenData,
+    *,
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    seq: int,
+) -> dict[str, Any]:
+    """A recipe's ``model`` keys for a random-init Llama reading ``data`` (add batch, optim)."""
+    return {
+        "model_type": "llama",
+        "tokenizer_name_or_path": str(data.tokenizer_dir),
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": intermediate,
+        "max_position_embeddings": seq,
+        "max_context_width": seq,
+        "data": {"dataset_type": "hf", "train_dir": str(data.dataset_dir)},
+    }

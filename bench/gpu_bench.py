@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Options, run_timed, say, torchrun, write_result
-from bench.data import TokenData, make_token_data
+from bench.data import TokenData, make_token_data, nothing_saved, random_llama
 from bench.report import Row, fmt
 
 NAME = "gpu"
@@ -87,22 +87,17 @@ def recipe(size: Size, data: TokenData, compile_: bool, ac: bool, exp_dir: Path)
             "max_steps": size.warmup + size.steps,
             "log_every_n_steps": 1000,
         },
-        "exp_manager": {
-            "exp_dir": str(exp_dir),
-            "auto_resume": False,
-            "checkpoint_callback_params": {"every_n_train_steps": 0, "save_last": False},
-            "export_full_model": {"save_last": False},
-        },
+        "exp_manager": nothing_saved(exp_dir),
         "model": {
-            "model_type": "llama",
-            "tokenizer_name_or_path": str(data.tokenizer_dir),
-            "num_hidden_layers": size.layers,
-            "hidden_size": size.hidden,
-            "num_attention_heads": size.heads,
-            "num_key_value_heads": size.kv_heads,
-            "intermediate_size": size.intermediate,
-            "max_position_embeddings": size.seq,
-            "max_context_width": size.seq,
+            **random_llama(
+                data,
+                layers=size.layers,
+                hidden=size.hidden,
+                heads=size.heads,
+                kv_heads=size.kv_heads,
+                intermediate=size.intermediate,
+                seq=size.seq,
+            ),
             "train_batch_size": size.micro_batch,
             "global_batch_size": size.micro_batch,
             "sharding_strategy": "full_shard",
@@ -110,7 +105,6 @@ def recipe(size: Size, data: TokenData, compile_: bool, ac: bool, exp_dir: Path)
             "activation_checkpointing": ac,
             "seed": SEED,
             "optim": {"lr": 1e-4, "sched": {"name": "constant", "warmup_steps": 0}},
-            "data": {"dataset_type": "hf", "train_dir": str(data.dataset_dir)},
         },
     }
 

@@ -46,7 +46,13 @@ from bench.common import (
     wait_for_quiet,
     write_result,
 )
-from bench.data import TokenData, make_token_data, special_token_ids
+from bench.data import (
+    TokenData,
+    make_token_data,
+    nothing_saved,
+    random_llama,
+    special_token_ids,
+)
 from bench.report import Row, fmt
 
 NAME = "train"
@@ -165,22 +171,17 @@ def adapter_recipe(size: Size, data: TokenData, ranks: int, exp_dir: Path) -> di
             "log_every_n_steps": 1,
             "val_check_interval": 0,
         },
-        "exp_manager": {
-            "exp_dir": str(exp_dir),
-            "auto_resume": False,
-            "checkpoint_callback_params": {"every_n_train_steps": 0, "save_last": False},
-            "export_full_model": {"save_last": False},
-        },
+        "exp_manager": nothing_saved(exp_dir),
         "model": {
-            "model_type": "llama",
-            "tokenizer_name_or_path": str(data.tokenizer_dir),
-            "num_hidden_layers": size.layers,
-            "hidden_size": size.hidden,
-            "num_attention_heads": size.heads,
-            "num_key_value_heads": size.heads,
-            "intermediate_size": size.intermediate,
-            "max_position_embeddings": size.seq,
-            "max_context_width": size.seq,
+            **random_llama(
+                data,
+                layers=size.layers,
+                hidden=size.hidden,
+                heads=size.heads,
+                kv_heads=size.heads,
+                intermediate=size.intermediate,
+                seq=size.seq,
+            ),
             "train_batch_size": size.global_batch // ranks,
             "global_batch_size": size.global_batch,
             "seed": SEED,
@@ -192,7 +193,6 @@ def adapter_recipe(size: Size, data: TokenData, ranks: int, exp_dir: Path) -> di
                 "eps": size.eps,
                 "sched": {"name": "constant", "warmup_steps": 0},
             },
-            "data": {"dataset_type": "hf", "train_dir": str(data.dataset_dir)},
         },
     }
 
