@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+from adapter.attention import NAME as DOCUMENT_ATTENTION
 from adapter.attention import use_document_attention
 from adapter.checkpoint import (
     CheckpointManager,
@@ -107,7 +108,6 @@ class Trainer:
         seed_everything(recipe.model.seed)
         self.stats = DataStats()
         self.tokenizer = self._tokenizer_and_data()
-        self.document_attention = False
         self.model = self._build_model()
         self.optimizer = build_optimizer(
             self.model,
@@ -201,9 +201,10 @@ class Trainer:
 
         def shard(model: nn.Module) -> nn.Module:
             self.num_trainable, self.num_params = count_parameters(model)
-            if self._packed_attention == "position_ids" and model_cfg.data.packing:
-                # Compiled layers keep HF's masked SDPA: per-document lengths vary by batch.
-                self.document_attention = not model_cfg.compile and use_document_attention(model)
+            packed = self._packed_attention == "position_ids" and model_cfg.data.packing
+            # Compiled layers keep HF's masked SDPA: per-document lengths vary by batch.
+            if packed and not model_cfg.compile:
+                use_document_attention(model)
             layers = decoder_layers(model, self.family)
             self.num_layers = len(layers)
             self.hidden = getattr(model.config, "hidden_size", 0)
@@ -349,6 +350,12 @@ class Trainer:
     def _batch(self, indices: list[int]) -> Batch:
         samples = [self.train_set[i] for i in indices]
         return pad_batch(samples, self.tokenizer.pad_token_id, None, self._packed_attention)
+
+    @property
+    def document_attention(self) -> bool:
+        """Packed documents attend within themselves through ``document_sdpa``."""
+        config = getattr(self.model, "config", None)
+        return getattr(config, "_attn_implementation", None) == DOCUMENT_ATTENTION
 
     @property
     def _packed_attention(self) -> PackedAttention:
