@@ -1,11 +1,13 @@
-"""Padding share and effective (non-pad) tokens/s with and without packing, on real Alpaca rows.
+"""Padding share and effective (non-pad) tokens/s with and without packing, on Alpaca lengths.
 
     python bench/packing_bench.py [--steps N] [--repeats N] [--out bench/results/packing.json]
 
-Reads ``../shared/data/alpaca_tiny.json`` (100 Stanford Alpaca rows, CC BY-NC 4.0: measured,
-never shipped) relative to the repository root, builds two real trainers (one CPU
-rank, fp32) of the same tiny random-init Llama, one on padded samples and two on packed
-sequences (attention per document, ``document_sdpa``, as the adapter trains packed data;
+The data are random tokens with the real length distribution of 100 Stanford Alpaca rows:
+``bench/alpaca_lengths.json`` keeps each row's (prompt, response) token lengths, facts about
+the rows rather than their text, which this repository does not ship. The rows become a
+pre-tokenized dataset (``dataset_type: hf``: prompt tokens masked out of the loss, as the
+alpaca format does). It builds three real trainers (one CPU rank, fp32) of the same tiny
+random-init Llama, one on padded samples and two on packed sequences (attention per document, ``document_sdpa``, as the adapter trains packed data;
 and HF's SDPA with the block mask it builds from the restarted position ids, the adapter
 before ``document_sdpa``), and times their ``train_step``s alternately (so that load from
 other processes hits all alike). Every repetition starts the samplers from the beginning
@@ -28,13 +30,36 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "alpaca_tiny.json"
+LENGTHS = REPO / "bench" / "alpaca_lengths.json"
+VOCAB = 1024
 HIDDEN = 256
 """Model width: wide enough that attention (cost ∝ sequence length) isn't most of a step."""
 sys.path.insert(0, str(REPO))
 
 
-def recipe(exp_dir: str, packing: bool, width: int, micro: int, steps: int) -> dict[str, Any]:
+def alpaca_like_rows(out: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A pre-tokenized dataset with Alpaca's (prompt, response) lengths, and its tokenizer."""
+    import numpy as np
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    from bench.data import SPECIAL, make_tokenizer
+
+    pairs = json.loads(LENGTHS.read_text())["pairs"]
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+    for prompt, response in pairs:
+        ids = rng.integers(len(SPECIAL), VOCAB, size=prompt + response).tolist()
+        rows["input_ids"].append(ids)
+        rows["labels"].append([-100] * prompt + ids[prompt:])
+    disable_progress_bar()
+    Dataset.from_dict(rows).save_to_disk(str(out / "dataset"))
+    return out / "dataset", make_tokenizer(out / "tokenizer", VOCAB)
+
+
+def recipe(
+    exp_dir: str, data: tuple[Path, Path], packing: bool, width: int, micro: int, steps: int
+) -> dict[str, Any]:
     return {
         "run": {"name": "packing_bench"},
         "trainer": {"devices": 1, "accelerator": "cpu", "precision": "32", "max_steps": steps},
@@ -51,12 +76,12 @@ def recipe(exp_dir: str, packing: bool, width: int, micro: int, steps: int) -> d
             "hidden_size": HIDDEN,
             "num_attention_heads": 4,
             "intermediate_size": 4 * HIDDEN,
-            "vocab_size": 1024,
+            "tokenizer_name_or_path": str(data[1]),
             "max_position_embeddings": width,
             "max_context_width": width,
             "train_batch_size": micro,
             "global_batch_size": micro,
-            "data": {"dataset_type": "alpaca", "train_dir": str(DATA), "packing": packing},
+            "data": {"dataset_type": "hf", "train_dir": str(data[0]), "packing": packing},
         },
     }
 
@@ -65,13 +90,20 @@ class Run:
     """One trainer (packed or not) whose steps are timed one at a time."""
 
     def __init__(
-        self, exp_dir: str, packing: bool, width: int, micro: int, steps: int, hf_mask: bool
+        self,
+        exp_dir: str,
+        data: tuple[Path, Path],
+        packing: bool,
+        width: int,
+        micro: int,
+        steps: int,
+        hf_mask: bool,
     ) -> None:
         from adapter.config import load_recipe
         from adapter.trainer import Trainer
 
         self.packing = packing
-        self.trainer = Trainer(load_recipe(recipe(exp_dir, packing, width, micro, steps)))
+        self.trainer = Trainer(load_recipe(recipe(exp_dir, data, packing, width, micro, steps)))
         assert self.trainer.document_attention == packing
         if hf_mask:  # HF's SDPA ignores the batches' document bounds and builds its mask
             self.trainer.model.set_attn_implementation("sdpa")
@@ -133,8 +165,9 @@ SIDES = {"unpacked": (False, False), "packed": (True, False), "packed_hf_mask": 
 def measure(width: int, micro: int, steps: int | None, repeats: int) -> dict[str, Run]:
     """Alternate the sides' steps so that load from other processes hits all alike."""
     with tempfile.TemporaryDirectory() as tmp:
+        data = alpaca_like_rows(Path(tmp))
         runs = {
-            name: Run(f"{tmp}/{name}", packing, width, micro, SCHEDULE_STEPS, hf_mask)
+            name: Run(f"{tmp}/{name}", data, packing, width, micro, SCHEDULE_STEPS, hf_mask)
             for name, (packing, hf_mask) in SIDES.items()
         }
         steps = steps or runs["unpacked"].trainer.sampler.steps_per_epoch
@@ -166,9 +199,6 @@ def main() -> int:
     parser.add_argument("--micro", type=int, default=8, help="micro-batch (sequences)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "packing.json")
     args = parser.parse_args()
-    if not DATA.is_file():
-        print(f"error: {DATA} not found (the shared Alpaca sample)", file=sys.stderr)
-        return 2
     import torch
 
     from bench.common import machine
@@ -177,9 +207,10 @@ def main() -> int:
     sides = {name: run.result() for name, run in runs.items()}
     shares = [sides[name]["padding_share_measured"] for name in ("packed", "unpacked")]
     result = {
-        "dataset": "alpaca_tiny.json (100 Stanford Alpaca rows)",
+        "dataset": "random tokens with the (prompt, response) lengths of 100 Stanford Alpaca rows "
+        "(bench/alpaca_lengths.json)",
         "model": f"random-init Llama: 2 layers, hidden {HIDDEN}, 4 heads, mlp {4 * HIDDEN}, "
-        "vocab 1024 (BPE tokenizer trained on the rows), fp32, 1 CPU rank",
+        f"vocab {VOCAB}, fp32, 1 CPU rank",
         "max_context_width": args.width,
         "micro_batch": args.micro,
         "repeats": args.repeats,

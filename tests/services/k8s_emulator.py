@@ -1,6 +1,6 @@
 """A Kubernetes API server emulated on 127.0.0.1, plus schema checks for rendered manifests.
 
-No real API server can be installed here (see ``../shared/notes/infra.md``), so tests talk
+No real API server can be installed from the package registries this project uses, so tests talk
 to kmock's ``KubernetesEmulator``: an in-memory, stateful REST server that the real
 ``kubernetes`` client can create/get/list/patch/delete objects against (409 on a duplicate,
 404 after delete). It runs its own asyncio loop in a daemon thread because the
@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import copy
 import functools
-import os
 import re
 import threading
 import time
@@ -43,19 +42,12 @@ from typing import Any
 import aiohttp.web
 import attrs
 import kmock
-import pytest
 import yaml
 
-CRD_PATH = Path(
-    os.environ.get(
-        "PYTORCHJOB_CRD",
-        Path(__file__).resolve().parents[3]
-        / "shared"
-        / "schemas"
-        / "kubeflow.org_pytorchjobs.yaml",
-    )
-)
-"""The Kubeflow training operator's PyTorchJob CRD (release-1.9); ``PYTORCHJOB_CRD`` overrides."""
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+CRD_PATH = FIXTURES / "schemas" / "kubeflow.org_pytorchjobs.yaml"
+"""The Kubeflow training operator's PyTorchJob CRD (release-1.9, Apache-2.0), kept in the
+repository as a fixture: its header says where it comes from."""
 
 PYTORCHJOBS = "kubeflow.org/v1/pytorchjobs"
 CONFIGMAPS = "v1/configmaps"
@@ -290,11 +282,6 @@ def crd_schema() -> dict[str, Any]:
     ``properties`` and does not preserve unknown fields is closed with
     ``additionalProperties: false`` so such a field fails the test instead.
     """
-    if not CRD_PATH.is_file():
-        pytest.fail(
-            f"PyTorchJob CRD not found at {CRD_PATH}: set PYTORCHJOB_CRD to a copy of the training"
-            " operator's manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
-        )
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRD is 600 kB of YAML
     crd = yaml.load(CRD_PATH.read_text(), Loader=loader)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]

@@ -14,7 +14,7 @@
 #                    (default /tmp/recipes-slurm)
 #   SLURM_TEST_PORT  slurmctld port; the two slurmd use the next two (default 16817)
 #
-# Everything runs as root without systemd or cgroups (see ../shared/notes/infra.md). Both
+# Everything runs as root without systemd or cgroups (measured on the Debian 12 machines this project runs on). Both
 # slurmd run on 127.0.0.1 (Debian builds Slurm with MULTIPLE_SLURMD), so a --nodes=2 job
 # runs one task per "node" on this host. Jobs inherit the submitting shell's environment
 # (sbatch --export=ALL), so the python on the submitter's PATH is the one the job runs.
