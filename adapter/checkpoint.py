@@ -7,10 +7,19 @@ A checkpoint is a directory ``<checkpoint_dir>/step_<N>/`` holding
   PEFT runs, ``adapter_config.json`` — what ``python -m adapter.export`` needs to rebuild
   the model without the training job;
 - ``COMPLETE.json``, written last, atomically, by rank 0 once every rank finished: step,
-  world size, recipe hash and what must match to resume (architecture, PEFT settings).
+  world size, recipe hash, what must match to resume (architecture, PEFT settings) and
+  what was verified on disk before it was written: the save's DCP id and every file DCP's
+  ``.metadata`` lists, with its size.
 
 A directory without the marker is incomplete: resume skips it with a warning and pruning
 deletes it, so a crash in the middle of a save never costs the previous complete one.
+
+The marker is written only once every file of *this* save is on disk at the size this save
+wrote (and ``.metadata`` carries this save's id), fsynced, directory included: another run
+cleaning up or writing the same ``step_<N>`` can make a save fail, never look complete.
+Resume checks the files against the marker on every rank and falls back to the previous
+complete checkpoint, with a warning naming the damaged file, when the newest one is damaged
+or DCP can't read it; a checkpoint that doesn't fit the model stays an error.
 
 Saves are asynchronous by default (``exp_manager.async_checkpointing``): ``dcp.async_save``
 stages a CPU copy of the state — training is blocked only for that copy — and writes it in a
@@ -24,10 +33,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -41,6 +52,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, Metadata
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
@@ -57,13 +69,20 @@ from adapter.schema import to_dict
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
+DCP_METADATA = ".metadata"
 ASSETS = "hf_assets"
 RECIPE_FILE = "recipe.yaml"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-FORMAT_VERSION = 1
+# A step directory being deleted is first renamed to this prefix + its name + a random tag.
+REMOVING = ".removing-"
+# 2: the marker lists the save's DCP id and its files with their sizes.
+FORMAT_VERSION = 2
 RNG_KEY = "rng"
 # DCP reports failures of any rank as CheckpointException, a BaseException.
 SAVE_ERRORS = (Exception, CheckpointException)
+# What a failed DCP load raises when the files themselves are bad (not the model).
+DAMAGE_ERRORS = (OSError, EOFError, pickle.UnpicklingError)
+WEIGHTS_ONLY_CAUSE = "WeightsUnpickler error:"
 
 # Hugging Face config keys that fix the shapes of the weights (every family's spelling).
 ARCHITECTURE_KEYS = (
@@ -104,6 +123,16 @@ PEFT_SHAPE_KEYS = {
 
 class CheckpointError(Exception):
     """A checkpoint that can't be written or used: names the path, what is wrong, the fix."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A complete checkpoint whose files are missing, cut short, from another save, or that
+    DCP can't read: resume falls back past it (unlike a checkpoint of another model)."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path} is damaged: {'; '.join(problems)}")
 
 
 # --- where things go ----------------------------------------------------------------------
@@ -166,8 +195,9 @@ def scan(root: Path) -> tuple[list[tuple[int, Path]], list[tuple[int, Path]]]:
     return sorted(complete), sorted(incomplete)
 
 
-def newest_complete(root: Path, warn: bool = True) -> Path | None:
-    """The newest complete checkpoint under ``root``; warns about newer incomplete ones."""
+def complete_checkpoints(root: Path, warn: bool = True) -> list[Path]:
+    """The complete checkpoints under ``root``, newest first; warns about newer incomplete
+    ones."""
     complete, incomplete = scan(root)
     newest_step = complete[-1][0] if complete else -1
     if warn:
@@ -178,7 +208,13 @@ def newest_complete(root: Path, warn: bool = True) -> Path | None:
                     path,
                     MARKER,
                 )
-    return complete[-1][1] if complete else None
+    return [path for _, path in reversed(complete)]
+
+
+def newest_complete(root: Path, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint under ``root``; warns about newer incomplete ones."""
+    complete = complete_checkpoints(root, warn)
+    return complete[0] if complete else None
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -214,6 +250,108 @@ def read_marker(path: Path) -> dict[str, Any]:
     if not isinstance(marker, dict) or missing:
         raise CheckpointError(f"{marker_path}: not a completion marker (missing {missing})")
     return marker
+
+
+# --- what a checkpoint's files must be ------------------------------------------------
+def written_files(metadata: Metadata) -> dict[str, int]:
+    """Name and size of every file the DCP save that returned ``metadata`` wrote, from the
+    write results every rank reported (its ``storage_data``): a file ends where its last
+    item ends."""
+    sizes: dict[str, int] = {}
+    for item in metadata.storage_data.values():
+        end = item.offset + item.length
+        sizes[item.relative_path] = max(sizes.get(item.relative_path, 0), end)
+    return sizes
+
+
+def save_id(metadata: Metadata) -> str | None:
+    """The id DCP gives each save and records in its ``.metadata``."""
+    return getattr(metadata.storage_meta, "save_id", None)
+
+
+def size_problems(path: Path, expected: dict[str, int], source: str) -> list[str]:
+    """``<file> is missing`` or ``<file> has N bytes`` for each file of ``path`` whose size
+    isn't the one expected (``source`` says by whom: "COMPLETE.json lists")."""
+    problems = []
+    for name, size in sorted(expected.items()):
+        try:
+            actual = (path / name).stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{name} is missing ({source} {size} bytes)")
+            continue
+        except OSError as exc:
+            problems.append(f"{name} can't be read ({exc.strerror or exc})")
+            continue
+        if actual != size:
+            problems.append(f"{name} has {actual} bytes, {source} {size}")
+    return problems
+
+
+def read_dcp_metadata(path: Path) -> Metadata:
+    """DCP's ``.metadata`` of ``path``; DamagedCheckpoint naming it if missing or unreadable."""
+    try:
+        return FileSystemReader(str(path)).read_metadata()
+    except FileNotFoundError:
+        raise DamagedCheckpoint(path, [f"{DCP_METADATA} is missing"]) from None
+    except Exception as exc:  # unpickling garbage raises anything
+        problem = f"{DCP_METADATA} can't be read ({type(exc).__name__}: {exc})"
+        raise DamagedCheckpoint(path, [problem]) from None
+
+
+def file_problems(path: Path, marker: dict[str, Any]) -> list[str]:
+    """What is wrong with the files of complete checkpoint ``path`` (none: empty): each file
+    the marker lists at the size it lists, and a ``.metadata`` of the save it completed.
+
+    Format-1 markers list no files: their files are checked against ``.metadata`` alone.
+    Only sizes are checked (a stat per file): bytes changed in place are DCP's to find.
+    """
+    listed = marker.get("files")
+    problems: list[str] = []
+    if listed is not None:
+        try:
+            expected = {str(name): int(entry["size"]) for name, entry in listed.items()}
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return [f"{MARKER} lists its files in an unknown form"]
+        problems = size_problems(path, expected, f"{MARKER} lists")
+        if any(problem.startswith(f"{DCP_METADATA} ") for problem in problems):
+            return problems
+    try:
+        metadata = read_dcp_metadata(path)
+    except DamagedCheckpoint as exc:
+        return [*problems, *exc.problems]
+    found, recorded = save_id(metadata), marker.get("save_id")
+    if recorded is not None and found != recorded:
+        problems.append(
+            f"{DCP_METADATA} is from another save (save id {found}, {MARKER} lists {recorded})"
+        )
+    if listed is None:
+        problems += size_problems(path, written_files(metadata), f"{DCP_METADATA} lists")
+    return problems
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether a failed ``dcp.load`` says the files are bad rather than that they don't fit
+    the model: DCP matches keys and shapes while planning, so any failure while reading the
+    shards (its "read" step) is damage; so is an I/O or unpickling error anywhere."""
+    if isinstance(error, CheckpointException):
+        step = error.args[0] if error.args else None
+        failures = [exc for exc, _ in error.failures.values()]
+        return step == "read" or all(isinstance(exc, DAMAGE_ERRORS) for exc in failures)
+    return isinstance(error, DAMAGE_ERRORS)
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line per failing rank (DCP's own message carries every rank's traceback)."""
+    if isinstance(error, CheckpointException):
+        return "; ".join(
+            f"rank {rank}: {describe_failure(exc)}"
+            for rank, (exc, _) in sorted(error.failures.items())
+        )
+    message = str(error)
+    # torch.load's weights-only refusal leads with advice that doesn't apply to bad bytes.
+    message = message.split(WEIGHTS_ONLY_CAUSE, 1)[-1]
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 # --- what a checkpoint records about the run ---------------------------------------------
@@ -435,14 +573,13 @@ class CheckpointManager:
     def _write(
         self, path: Path, snapshot: dict[str, Any], marker: dict[str, Any], info: RunInfo
     ) -> None:
+        error: BaseException | None = None
         try:
-            dcp.save(snapshot, checkpoint_id=str(path))
-            self._complete(path, marker, info)
+            metadata = dcp.save(snapshot, storage_writer=durable_writer(path))
+            self._complete(path, marker, info, metadata)
         except SAVE_ERRORS as exc:
-            raise CheckpointError(
-                f"saving checkpoint {path} failed: {exc}. The previous complete checkpoint "
-                f"in {self.root} is untouched"
-            ) from exc
+            error = exc
+        self._raise_if_failed(path, error)
 
     def _write_async(
         self,
@@ -456,7 +593,10 @@ class CheckpointManager:
         assert self._finisher is not None
         started = time.monotonic()
         future = dcp.async_save(
-            snapshot, checkpoint_id=str(path), process_group=self._group, async_stager=self._stager
+            snapshot,
+            storage_writer=durable_writer(path),
+            process_group=self._group,
+            async_stager=self._stager,
         )
         finish = self._finisher.submit(self._finish_async, future, path, marker, info, started)
         return _InFlight(step, path, finish)
@@ -473,13 +613,18 @@ class CheckpointManager:
             in_flight.future.result()
         except SAVE_ERRORS as exc:
             error = exc
+        self._raise_if_failed(in_flight.path, error)
+        return time.monotonic() - start
+
+    def _raise_if_failed(self, path: Path, error: BaseException | None) -> None:
+        """CheckpointError on every rank if the save of ``path`` failed on any rank (rank 0
+        completes a save alone: the others learn of its failure here)."""
         if self._any_rank(error is not None):
             detail = f": {error}" if error else " on another rank (see its log)"
             raise CheckpointError(
-                f"saving checkpoint {in_flight.path} failed{detail}. The previous complete "
+                f"saving checkpoint {path} failed{detail}. The previous complete "
                 f"checkpoint in {self.root} is untouched; fix the cause and re-run to resume"
             ) from error
-        return time.monotonic() - start
 
     def close(self) -> None:
         """Wait for the save in flight; stop the background thread."""
@@ -506,8 +651,7 @@ class CheckpointManager:
         self, future: Future, path: Path, marker: dict[str, Any], info: RunInfo, start: float
     ) -> None:
         try:
-            future.result()
-            self._complete(path, marker, info)
+            self._complete(path, marker, info, future.result())
         except SAVE_ERRORS:
             log.exception("rank %d: background save of %s failed", self.env.rank, path)
             raise
@@ -518,18 +662,57 @@ class CheckpointManager:
                 time.monotonic() - start,
             )
 
-    def _complete(self, path: Path, marker: dict[str, Any], info: RunInfo) -> None:
-        """Rank 0, after every rank's shards are written: assets, then the marker, then prune.
+    def _complete(
+        self, path: Path, marker: dict[str, Any], info: RunInfo, metadata: Metadata
+    ) -> None:
+        """Rank 0, once every rank's shards are written: assets; then, if the files on disk
+        are this save's, flush the directory and write the marker; then prune.
 
         DCP's save ends with a gather of every rank's write results on rank 0 (and raises
-        there if any rank failed), so rank 0 returning from it means all shards are on disk.
+        there if any rank failed): ``metadata`` lists every file of this save with its size.
+        Each file and ``.metadata`` were fsynced by DCP as it closed them (``sync_files``).
         """
         if not self.env.is_main:
             return
         info.write_assets(path / ASSETS)
-        marker = {**marker, "time": time.time()}
+        fsync_tree(path / ASSETS)
+        files = self._verify_written(path, metadata)
+        fsync_path(path)  # the entries of the shards and .metadata's rename
+        marker = {
+            **marker,
+            "save_id": save_id(metadata),
+            "files": {name: {"size": size} for name, size in sorted(files.items())},
+            "time": time.time(),
+        }
         write_atomically(path / MARKER, json.dumps(marker, indent=2))
+        fsync_path(path.parent)  # the step directory itself, before older ones are pruned
         self._prune(newest=marker["step"])
+
+    def _verify_written(self, path: Path, metadata: Metadata) -> dict[str, int]:
+        """The files of ``path`` by size, once checked to be those this save wrote: each at
+        the size its write reported and ``.metadata`` with this save's id. Another process
+        deleting or writing ``path`` meanwhile (a re-run cleaning up, a dying run finishing
+        its save) makes this a CheckpointError, never a complete-looking checkpoint."""
+        problems = []
+        try:
+            on_disk = read_dcp_metadata(path)
+        except DamagedCheckpoint as exc:
+            problems += exc.problems
+        else:
+            if save_id(on_disk) != save_id(metadata):
+                problems.append(
+                    f"{DCP_METADATA} is from another save (save id {save_id(on_disk)}, this "
+                    f"save's is {save_id(metadata)})"
+                )
+        files = written_files(metadata)
+        problems += size_problems(path, files, "this save wrote")
+        if problems:
+            raise CheckpointError(
+                f"{path} changed while this run was saving it ({'; '.join(problems)}): is "
+                f"another run writing to {self.root}? Only one run may use a checkpoint "
+                f"directory. {MARKER} was not written"
+            )
+        return {**files, DCP_METADATA: (path / DCP_METADATA).stat().st_size}
 
     def _remove_stale(self, path: Path) -> None:
         """Delete a leftover ``step_<N>`` (from a crashed or abandoned run) before rewriting it."""
@@ -539,7 +722,8 @@ class CheckpointManager:
         dist.barrier()
 
     def _prune(self, newest: int) -> None:
-        """Keep the newest ``save_top_k`` complete checkpoints; drop incomplete older ones."""
+        """Keep the newest ``save_top_k`` complete checkpoints; drop incomplete older ones
+        and what an interrupted removal left."""
         complete, incomplete = scan(self.root)
         doomed = [path for step, path in incomplete if step < newest]
         keep = self.params.save_top_k
@@ -548,6 +732,8 @@ class CheckpointManager:
         for path in doomed:
             log.info("removing old checkpoint %s (save_top_k=%d)", path, keep)
             remove_checkpoint(path)
+        for leftover in self.root.glob(f"{REMOVING}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def _any_rank(self, flag: bool) -> bool:
         tensor = torch.tensor([int(flag)], device=self.env.device)
@@ -555,42 +741,100 @@ class CheckpointManager:
         return bool(tensor.item())
 
     # --- resuming ---------------------------------------------------------------------
+    def resume(self, state: dict[str, Any], info: RunInfo) -> tuple[Path, dict[str, Any]] | None:
+        """Load ``state`` in place from the checkpoint this run starts from; returns its path
+        and completion marker, or None when there is none.
+
+        A damaged checkpoint (a file missing, cut short or from another save, or one DCP
+        can't read) is skipped with a warning naming what is wrong, for the next candidate
+        of ``resume_candidates``. Every rank checks the files and the ranks decide together,
+        so they all load the same step. A checkpoint of another model stays an error.
+        """
+        candidates = self.resume_candidates()
+        damage: list[str] = []
+        for index, path in enumerate(candidates):
+            try:
+                return path, self.load(path, state, info)
+            except DamagedCheckpoint as exc:
+                damage.append(str(exc))
+                if self.env.is_main and index + 1 < len(candidates):
+                    log.warning(
+                        "%s; trying the previous complete checkpoint %s",
+                        exc,
+                        candidates[index + 1],
+                    )
+        if damage:
+            raise CheckpointError(
+                "no checkpoint to resume from is intact: "
+                + "; ".join(damage)
+                + ". Restore the files named, or start afresh with "
+                "exp_manager.auto_resume=false or another exp_manager.checkpoint_dir"
+            )
+        return None
+
     def resume_path(self) -> Path | None:
-        """The checkpoint this run starts from, if any.
+        """The checkpoint ``resume`` would load first: the first of ``resume_candidates``
+        whose files are intact (collective)."""
+        for path in self.resume_candidates():
+            if not self._file_problems(path)[0]:
+                return path
+        return None
+
+    def resume_candidates(self) -> list[Path]:
+        """The complete checkpoints this run may start from, best first, as rank 0 sees them
+        (the same list on every rank).
 
         ``resume_from_checkpoint`` inside this run's checkpoint dir (a roll-back) always wins.
         One elsewhere (another run's) is where this run *starts*: once the run has complete
-        checkpoints of its own, ``auto_resume`` continues from those instead, so that a
-        restarted job never goes back to its starting point.
+        checkpoints of its own, ``auto_resume`` continues from those instead (newest first,
+        the starting point last), so that a restarted job never goes back to its start.
         """
+        try:
+            mine, failure = self._candidates(), None
+        except CheckpointError as exc:
+            mine, failure = [], str(exc)
+        box = [(mine, failure)]
+        dist.broadcast_object_list(box, src=0)
+        candidates, failure = box[0]
+        if failure is not None:
+            raise CheckpointError(failure)
+        return candidates
+
+    def _candidates(self) -> list[Path]:
         exp = self.recipe.exp_manager
-        own = newest_complete(self.root, warn=self.env.is_main) if exp.auto_resume else None
+        own = complete_checkpoints(self.root, warn=self.env.is_main) if exp.auto_resume else []
         if not exp.resume_from_checkpoint:
             return own
+        path = Path(exp.resume_from_checkpoint)
         try:
-            given = resolve_checkpoint(Path(exp.resume_from_checkpoint))
+            newest = resolve_checkpoint(path)
         except CheckpointError as exc:
             raise CheckpointError(f"exp_manager.resume_from_checkpoint: {exc}") from None
-        if own is not None and given.resolve().parent != self.root.resolve():
+        # A step_<N> named is used or not at all; in a directory named, any complete one.
+        given = [newest] if newest == path else complete_checkpoints(path, warn=False)
+        if own and newest.resolve().parent != self.root.resolve():
             if self.env.is_main:
                 log.info(
                     "resume_from_checkpoint %s: this run has newer checkpoints of its "
                     "own; continuing from %s",
-                    given,
-                    own,
+                    newest,
+                    own[0],
                 )
-            return own
+            return own + given
         return given
 
     def load(self, path: Path, state: dict[str, Any], info: RunInfo) -> dict[str, Any]:
-        """Load ``state`` in place from checkpoint ``path`` after checking that it fits this
-        run; also restores this rank's RNG states. Returns the completion marker."""
-        marker = read_marker(path)
-        problems = incompatibilities(marker.get("compat", {}), info.compat)
+        """Load ``state`` in place from checkpoint ``path`` after checking that its files are
+        intact and that it fits this run; also restores this rank's RNG states. Returns the
+        completion marker. DamagedCheckpoint (on every rank) if the files are bad."""
+        problems, marker = self._file_problems(path)
         if problems:
+            raise DamagedCheckpoint(path, problems)
+        incompatible = incompatibilities(marker.get("compat", {}), info.compat)
+        if incompatible:
             raise CheckpointError(
                 f"can't resume from {path}: it was saved by a different model ("
-                + "; ".join(problems)
+                + "; ".join(incompatible)
                 + "). Resume it with the recipe it was saved with, or start afresh with "
                 "exp_manager.auto_resume=false or another exp_manager.checkpoint_dir"
             )
@@ -599,13 +843,44 @@ class CheckpointManager:
             log.info("resuming with a changed recipe: %s", "; ".join(changes) or "(unknown)")
         source_rank = self.env.rank % int(marker["world_size"])
         snapshot = {**state, RNG_KEY: RngState(source_rank, marker.get("rng"))}
+        failure: BaseException | None = None
         try:
             dcp.load(snapshot, checkpoint_id=str(path))
         except SAVE_ERRORS as exc:
-            raise CheckpointError(f"{path}: can't load this checkpoint: {exc}") from exc
+            failure = exc
+        self._raise_if_load_failed(path, failure)
         in_root = path.resolve().parent == self.root.resolve()
         self._last_step = int(marker["step"]) if in_root else None
         return marker
+
+    def _file_problems(self, path: Path) -> tuple[list[str], dict[str, Any]]:
+        """What any rank finds wrong with the files of ``path`` (the same list on every rank;
+        empty: intact), and the completion marker."""
+        marker: dict[str, Any] = {}
+        try:
+            marker = read_marker(path)
+            mine = file_problems(path, marker)
+        except CheckpointError as exc:
+            mine = [str(exc)]
+        everyone: list[list[str]] = [[] for _ in range(self.env.world_size)]
+        dist.all_gather_object(everyone, mine)
+        return list(dict.fromkeys(p for problems in everyone for p in problems)), marker
+
+    def _raise_if_load_failed(self, path: Path, failure: BaseException | None) -> None:
+        """The ranks agree on how loading ``path`` went: if any rank's failure isn't damage
+        (a checkpoint that doesn't fit), CheckpointError on every rank; else if any failed,
+        DamagedCheckpoint on every rank."""
+        mine = None if failure is None else (is_damage(failure), describe_failure(failure))
+        everyone: list[tuple[bool, str] | None] = [None] * self.env.world_size
+        dist.all_gather_object(everyone, mine)
+        errors = [(rank, o[1]) for rank, o in enumerate(everyone) if o is not None and not o[0]]
+        if errors:
+            ours = mine is not None and not mine[0]
+            detail = str(failure) if ours else f"rank {errors[0][0]}: {errors[0][1]}"
+            raise CheckpointError(f"{path}: can't load this checkpoint: {detail}") from failure
+        damage = list(dict.fromkeys(o[1] for o in everyone if o is not None))
+        if damage:
+            raise DamagedCheckpoint(path, [f"DCP can't read it ({'; '.join(damage)})"])
 
 
 def staging_buffers(device: torch.device) -> DefaultStager:
@@ -622,25 +897,55 @@ def staging_buffers(device: torch.device) -> DefaultStager:
     )
 
 
+def durable_writer(path: Path) -> FileSystemWriter:
+    """DCP's file writer, ``sync_files`` spelled out: it fsyncs every shard and ``.metadata``
+    as it closes them (``CheckpointManager._complete`` flushes the directory)."""
+    return FileSystemWriter(str(path), sync_files=True)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to stable storage."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file and directory under ``directory``, then ``directory`` itself."""
+    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file() or path.is_dir():
+            fsync_path(path)
+    fsync_path(directory)
+
+
 def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file, fsync it, then rename it over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write ``text`` to a temporary file, fsync it, then rename it over ``path``.
+
+    The temporary name is this writer's own: two processes writing ``path`` at once each
+    rename a whole file, never one the other truncated.
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_path(path.parent)
 
 
 def remove_checkpoint(path: Path) -> None:
-    """Marker first, so that a half-deleted directory reads as incomplete, never as complete."""
+    """Marker first, so that a half-deleted directory reads as incomplete, never as complete;
+    then the directory is renamed aside (at once: whoever writes ``path`` next starts in an
+    empty directory, not in one that is still being deleted) and deleted."""
     (path / MARKER).unlink(missing_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
+    doomed = path.with_name(f"{REMOVING}{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        path.rename(doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # --- pretrained weights under FSDP2 ------------------------------------------------------

@@ -399,11 +399,11 @@ class Trainer:
         return parse_duration(interval, self.sampler.steps_per_epoch)
 
     def _maybe_resume(self) -> None:
-        path = self.checkpoints.resume_path()
-        if path is None:
-            return
         info = describe_run(self.recipe, self.model, self.tokenizer)
-        marker = self.checkpoints.load(path, self.checkpoint_state(), info)
+        resumed = self.checkpoints.resume(self.checkpoint_state(), info)
+        if resumed is None:
+            return
+        path, marker = resumed
         self.metrics.info(f"resumed from checkpoint {path} at step {self.state.step}")
         saved_world = int(marker["world_size"])
         if saved_world != self.env.world_size:
