@@ -84,22 +84,25 @@ def export_model(
     # The other ranks wait for rank 0's writes: a failure there must stop them too.
     with fail_together(f"exporting to {out_dir}"):
         if env.is_main:
-            peft_configs = (
-                getattr(model, "peft_config", None) if recipe.model.peft.peft_type else None
-            )
-            source = ExportSource(
-                state=state,
-                config=copy.deepcopy(model.config),
-                generation_config=copy.deepcopy(getattr(model, "generation_config", None)),
-                tokenizer=tokenizer,
-                recipe=recipe,
-                peft_config=(
-                    copy.deepcopy(next(iter(peft_configs.values()))) if peft_configs else None
-                ),
-            )
+            source = training_source(model, state, tokenizer, recipe)
             write_export(source, out_dir, export_dtype(recipe))
     del state
     return out_dir
+
+
+def training_source(
+    model: nn.Module, state: dict[str, torch.Tensor], tokenizer: Any, recipe: Recipe
+) -> ExportSource:
+    """What the training job exports: its gathered ``state`` and copies of its configs."""
+    peft_configs = getattr(model, "peft_config", None) if recipe.model.peft.peft_type else None
+    return ExportSource(
+        state=state,
+        config=copy.deepcopy(model.config),
+        generation_config=copy.deepcopy(getattr(model, "generation_config", None)),
+        tokenizer=tokenizer,
+        recipe=recipe,
+        peft_config=copy.deepcopy(next(iter(peft_configs.values()))) if peft_configs else None,
+    )
 
 
 # --- from a checkpoint on disk --------------------------------------------------------

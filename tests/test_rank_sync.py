@@ -34,26 +34,35 @@ MAX_NEW_TOKENS = 12
 
 
 # --- pure functions: the sampler and the eval batches -------------------------------------
-def test_every_rank_runs_the_same_micro_batches_every_step_for_several_epochs() -> None:
-    """53 samples, global batch 12 (micro 1 × 4 ranks × 3): the last 5 of each epoch are
-    dropped, never given to some ranks only; each step is 12 distinct samples."""
+@pytest.mark.parametrize(
+    ("num_samples", "micro", "world_size", "accumulation"), [(53, 1, 4, 3), (21, 2, 2, 2)]
+)
+def test_every_rank_runs_the_same_micro_batches_every_step_for_several_epochs(
+    num_samples: int, micro: int, world_size: int, accumulation: int
+) -> None:
+    """A dataset that isn't a multiple of the global batch: each epoch's remainder is
+    dropped, never given to some ranks only; each step is a global batch of distinct
+    samples, the same number of equal micro-batches on every rank."""
     from adapter.data.loader import GlobalBatchSampler
 
-    def sampler(rank: int) -> GlobalBatchSampler:
-        return GlobalBatchSampler(53, 12, 1, rank=rank, world_size=4, seed=7)
-
-    samplers = [sampler(rank) for rank in range(4)]
-    assert samplers[0].steps_per_epoch == 4
+    global_batch = micro * world_size * accumulation
+    samplers = [
+        GlobalBatchSampler(num_samples, global_batch, micro, rank, world_size, seed=7)
+        for rank in range(world_size)
+    ]
+    steps_per_epoch = num_samples // global_batch
+    assert samplers[0].steps_per_epoch == steps_per_epoch
     for epoch in range(3):
         seen: set[int] = set()
-        for _ in range(4):
+        for _ in range(steps_per_epoch):
             steps = [s.next_step() for s in samplers]
-            assert [[len(micro) for micro in step] for step in steps] == [[1, 1, 1]] * 4
-            indices = {i for step in steps for micro in step for i in micro}
-            assert len(indices) == 12 and not indices & seen
+            sizes = [[len(micro_batch) for micro_batch in step] for step in steps]
+            assert sizes == [[micro] * accumulation] * world_size
+            indices = {i for step in steps for micro_batch in step for i in micro_batch}
+            assert len(indices) == global_batch and not indices & seen
             seen |= indices
         assert {s.epoch for s in samplers} == {epoch}
-        assert len(seen) == 48
+        assert len(seen) == steps_per_epoch * global_batch
 
 
 def test_a_global_batch_that_does_not_split_evenly_over_the_ranks_is_refused() -> None:
@@ -165,6 +174,13 @@ def two_rank_cases(data: Path, tmp: Path) -> dict[str, dict[str, Any]]:
             "recipe": recipe(data, tmp / "resume"),
             "rank1": rank1_resumes,
         },
+        # Rank 1 finds the tokenizer that "fit" trained and saved, rank 0 none (a node-local
+        # exp_dir): one loads it, the other trains the same one.
+        "tokenizer_saved_for_rank1": {
+            "kind": "evaluate",
+            "recipe": recipe(data, tmp / "tokenizer"),
+            "rank1": {"exp_manager": {"exp_dir": str(tmp / "fit")}},
+        },
         # Last: on code that lets the ranks stop decoding apart, nothing after it is in step.
         "samples_stop_apart": {"kind": "samples", "recipe": recipe(data, tmp / "samples", 3)},
     }
@@ -256,6 +272,14 @@ def test_limit_val_batches_counts_batches_per_rank_and_pads_the_short_shard(
         assert [r[f"eval{rows}_limit{limit}"]["value"] for r in runs["two"]] == [expected] * 2
     # The one-rank reference: a limit of 2 batches of 1 row stops before the third row.
     assert runs["one"]["eval3_limit2"] == runs["one"]["eval2_micro1"]
+
+
+@pytest.mark.slow
+def test_ranks_that_load_or_train_the_tokenizer_stay_in_step(runs: dict[str, Any]) -> None:
+    """The same tokenizer either way: the loss of the same model on the same validation row."""
+    expected = runs["one"]["eval1_micro1"]["value"]
+    assert [r["tokenizer_saved_for_rank1"]["value"] for r in runs["two"]] == [expected] * 2
+    assert (runs["tmp"] / "tokenizer" / "tokenizer" / "tokenizer.json").is_file()  # trained
 
 
 @pytest.mark.slow
