@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,3 +57,44 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (one collective)."""
+    tensor = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return bool(tensor.item())
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank."""
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+class PeerError(RuntimeError):
+    """Another rank failed in a step that every rank leaves together (``fail_together``)."""
+
+
+@contextmanager
+def fail_together(what: str) -> Iterator[None]:
+    """Run a block that may fail on some ranks only (rank 0's writes, a node's own files)
+    and leave it together: if it raised on any rank, it raises on every rank (the failing
+    ones their own error, the others ``PeerError`` naming them) instead of the others
+    waiting in the next collective for a rank that is gone. This is a collective (an
+    all-gather of the errors) on every rank; a collective inside the block must come before
+    anything that may fail on one rank alone.
+    """
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as exc:
+        error = exc
+    failures = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(failures) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise PeerError(f"{what} failed on rank {rank}: {message}")

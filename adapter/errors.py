@@ -9,9 +9,11 @@ import torch.distributed as dist
 from adapter.checkpoint import CheckpointError
 from adapter.config import Recipe
 from adapter.data.formats import DataError
+from adapter.distributed import PeerError
 from adapter.models import ModelError
 
-USER_ERRORS = (DataError, CheckpointError, ModelError)
+USER_ERRORS = (DataError, CheckpointError, ModelError, PeerError)
+"""One line and exit code 2: a user's mistake, or another rank's failure (reported there)."""
 
 
 def run_reporting_user_errors(recipe: Recipe) -> int:

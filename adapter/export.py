@@ -41,7 +41,7 @@ from adapter.checkpoint import (
     resolve_checkpoint,
 )
 from adapter.config import Recipe, load_recipe
-from adapter.distributed import DistEnv
+from adapter.distributed import DistEnv, fail_together
 from adapter.schema import ConfigError, to_dict
 
 log = logging.getLogger(__name__)
@@ -81,20 +81,28 @@ def export_model(
     """Collective: gather the full state on rank 0 (CPU), which writes ``out_dir``."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
-    if env.is_main:
-        peft_configs = getattr(model, "peft_config", None) if recipe.model.peft.peft_type else None
-        source = ExportSource(
-            state=state,
-            config=copy.deepcopy(model.config),
-            generation_config=copy.deepcopy(getattr(model, "generation_config", None)),
-            tokenizer=tokenizer,
-            recipe=recipe,
-            peft_config=copy.deepcopy(next(iter(peft_configs.values()))) if peft_configs else None,
-        )
-        write_export(source, out_dir, export_dtype(recipe))
+    # The other ranks wait for rank 0's writes: a failure there must stop them too.
+    with fail_together(f"exporting to {out_dir}"):
+        if env.is_main:
+            source = training_source(model, state, tokenizer, recipe)
+            write_export(source, out_dir, export_dtype(recipe))
     del state
-    dist.barrier()
     return out_dir
+
+
+def training_source(
+    model: nn.Module, state: dict[str, torch.Tensor], tokenizer: Any, recipe: Recipe
+) -> ExportSource:
+    """What the training job exports: its gathered ``state`` and copies of its configs."""
+    peft_configs = getattr(model, "peft_config", None) if recipe.model.peft.peft_type else None
+    return ExportSource(
+        state=state,
+        config=copy.deepcopy(model.config),
+        generation_config=copy.deepcopy(getattr(model, "generation_config", None)),
+        tokenizer=tokenizer,
+        recipe=recipe,
+        peft_config=copy.deepcopy(next(iter(peft_configs.values()))) if peft_configs else None,
+    )
 
 
 # --- from a checkpoint on disk --------------------------------------------------------

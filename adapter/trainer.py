@@ -27,7 +27,7 @@ from adapter.checkpoint import (
 )
 from adapter.config import Recipe, parse_duration
 from adapter.data.dataset import DataStats, RawData, build_datasets, data_report, load_raw
-from adapter.data.formats import IGNORE_INDEX, Sample
+from adapter.data.formats import IGNORE_INDEX, DataError, Sample
 from adapter.data.loader import (
     Batch,
     GlobalBatchSampler,
@@ -35,7 +35,14 @@ from adapter.data.loader import (
     eval_batches,
     pad_batch,
 )
-from adapter.distributed import DistEnv, all_reduce_sum, init_distributed
+from adapter.distributed import (
+    DistEnv,
+    all_ranks,
+    all_reduce_sum,
+    fail_together,
+    gather_objects,
+    init_distributed,
+)
 from adapter.export import export_model
 from adapter.loss import computing_loss, find_loss_head, last_positions, sum_cross_entropy
 from adapter.metrics import MetricsLogger, flops_per_token, peak_flops
@@ -145,35 +152,40 @@ class Trainer:
     # --- set-up -----------------------------------------------------------------------
     def _tokenizer_and_data(self) -> Any:
         model = self.recipe.model
-        tokenizer = load_tokenizer(model)
-        raw = load_raw(model.data, model.seed, str(self.exp_dir), tokenizer)
-        if tokenizer is None:
-            tokenizer = self._saved_or_trained_tokenizer(raw)
-        data = build_datasets(
-            raw,
-            tokenizer,
-            model.data,
-            model.max_context_width,
-            model.train_batch_size,
-            model.seed,
-        )
+        trained = False
+        # Each rank reads the data itself: a bad or missing file may fail on one node only.
+        with fail_together("loading the tokenizer and data"):
+            tokenizer = load_tokenizer(model)
+            raw = load_raw(model.data, model.seed, str(self.exp_dir), tokenizer)
+            if tokenizer is None:
+                tokenizer, trained = self._saved_or_trained_tokenizer(raw)
+            data = build_datasets(
+                raw,
+                tokenizer,
+                model.data,
+                model.max_context_width,
+                model.train_batch_size,
+                model.seed,
+            )
+        # Saved once every rank has chosen between the saved tokenizer and training one.
+        with fail_together("saving the trained tokenizer"):
+            if trained and self.env.is_main:
+                tokenizer.save_pretrained(self.exp_dir / "tokenizer")
         self.train_set: list[Sample] = data.train
         self.val_set: list[Sample] = data.val
         self.stats = data.stats
+        check_same_data(tokenizer, data.train, data.val)
         return tokenizer
 
-    def _saved_or_trained_tokenizer(self, raw: RawData) -> Any:
-        """The tokenizer this run trained before (resume), else one trained on the data."""
+    def _saved_or_trained_tokenizer(self, raw: RawData) -> tuple[Any, bool]:
+        """The tokenizer this run trained before (resume), else one trained on the data;
+        and whether it was trained now."""
         saved = self.exp_dir / "tokenizer"
         if (saved / "tokenizer.json").is_file():
             from transformers import PreTrainedTokenizerFast
 
-            return PreTrainedTokenizerFast.from_pretrained(saved)
-        tokenizer = train_tokenizer(raw.texts(), self.recipe.model.vocab_size or 1024)
-        dist.barrier()
-        if self.env.is_main:
-            tokenizer.save_pretrained(saved)
-        return tokenizer
+            return PreTrainedTokenizerFast.from_pretrained(saved), False
+        return train_tokenizer(raw.texts(), self.recipe.model.vocab_size or 1024), True
 
     def _build_model(self) -> nn.Module:
         model_cfg = self.recipe.model
@@ -188,16 +200,22 @@ class Trainer:
         }
         kwargs = load_kwargs(model_cfg, self.env.device)
 
+        # Sharded, rank 0 loads while the others build empty and wait for its weights: a
+        # failure to build must reach every rank.
         def load_full() -> nn.Module:
-            return apply_peft(build_model(model_cfg, len(tok), special, kwargs), model_cfg)
+            with fail_together("building the model"):
+                model = apply_peft(build_model(model_cfg, len(tok), special, kwargs), model_cfg)
+            return model
 
         def build_empty() -> nn.Module:
-            if model_cfg.hf_model_name_or_path is None:
-                model = build_model(model_cfg, len(tok), special)
-            else:
-                model = build_pretrained_architecture(model_cfg)
-            model.tie_weights()  # meta parameters aren't tied at construction
-            return apply_peft(model, model_cfg)
+            with fail_together("building the model"):
+                if model_cfg.hf_model_name_or_path is None:
+                    model = build_model(model_cfg, len(tok), special)
+                else:
+                    model = build_pretrained_architecture(model_cfg)
+                model.tie_weights()  # meta parameters aren't tied at construction
+                model = apply_peft(model, model_cfg)
+            return model
 
         def shard(model: nn.Module) -> nn.Module:
             self.num_trainable, self.num_params = count_parameters(model)
@@ -316,32 +334,25 @@ class Trainer:
         """Token-weighted cross-entropy over the whole validation set (all ranks)."""
         self.model.eval()
         micro = self.recipe.model.val_batch_size or self.recipe.model.train_batch_size
-        limit = self.recipe.trainer.limit_val_batches
-        batches = list(
-            eval_batches(
-                self.val_set,
-                micro,
-                self.env.rank,
-                self.env.world_size,
-                self.tokenizer.pad_token_id,
-                limit,
-                self._packed_attention,
-            )
+        # The same number of batches on every rank (each forward is a collective under
+        # FSDP); padding batches where a rank's share ran out add 0 loss and 0 tokens.
+        batches = eval_batches(
+            self.val_set,
+            micro,
+            self.env.rank,
+            self.env.world_size,
+            self.tokenizer.pad_token_id,
+            self.recipe.trainer.limit_val_batches,
+            self._packed_attention,
         )
-        # Every rank must run the same number of forwards (FSDP all-gathers per forward).
-        count = int(all_reduce_max(len(batches), self.env.device))
-        total, tokens = 0.0, 0
+        total = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        tokens = 0
         with torch.no_grad():
-            for i in range(count):
-                batch = batches[min(i, len(batches) - 1)] if batches else None
-                if batch is None:
-                    continue
+            for batch in batches:
                 with autocast(self.recipe, self.env.device):
-                    loss = forward(self.model, batch, self.env.device)
-                if i < len(batches):
-                    total += loss.item()
-                    tokens += batch.num_label_tokens
-        total, tokens = all_reduce_sum([total, tokens], self.env.device)
+                    total += forward(self.model, batch, self.env.device).double()
+                tokens += batch.num_label_tokens
+        total, tokens = all_reduce_sum([total.item(), tokens], self.env.device)
         value = total / max(tokens, 1.0)
         self.metrics.eval(self.state.step, value)
         return value
@@ -416,7 +427,10 @@ class Trainer:
         if not self.checkpoints.should_save(step, final):
             return
         info = describe_run(self.recipe, self.model, self.tokenizer)
-        report = self.checkpoints.save(step, self.checkpoint_state, info, final=final)
+        # Rank 0 alone completes a synchronous save (assets, marker, pruning) after the
+        # collective write: the other ranks must not train on into a collective without it.
+        with fail_together(f"saving the checkpoint of step {step}"):
+            report = self.checkpoints.save(step, self.checkpoint_state, info, final=final)
         if report is None:
             return
         how = "async, writing in the background" if report.asynchronous else "sync"
@@ -462,12 +476,14 @@ class Trainer:
         if not self.val_set:
             self.metrics.info("no validation data (model.data.val_dir / val_split): no eval")
 
-    def _show_samples(self, count: int = 5) -> None:
-        """Greedy completions of a few validation prompts (every rank runs the forwards)."""
+    def _show_samples(self, count: int = 5) -> list[list[int]]:
+        """Log greedy completions of a few validation prompts; returns this rank's (every
+        rank runs the forwards, and as many: see ``greedy_complete``)."""
         rows = [s for s in self.val_set[:count]]
         if not rows:
-            return
+            return []
         self.metrics.info("sample completions:")
+        completions = []
         self.model.eval()
         for sample in rows:
             labels = enumerate(sample.labels)
@@ -486,26 +502,56 @@ class Trainer:
                 f"  {decode(prompt, skip_special_tokens=True)!r} → "
                 f"{decode(completion, skip_special_tokens=True)!r} (expected {expected!r})"
             )
+            completions.append(completion)
+        return completions
 
 
 @torch.no_grad()
 def greedy_complete(
     model: nn.Module, prompt: list[int], eos: int | None, max_new: int, device: torch.device
 ) -> list[int]:
+    """Greedy continuation of ``prompt`` up to ``eos`` or ``max_new`` tokens.
+
+    Every rank must call it (under FSDP each forward is a collective) and the ranks stop
+    together, once each has met its EOS (one all-reduce per token): ranks may disagree on
+    the tokens (nondeterministic kernels), and one that stopped alone would leave the
+    others waiting in its collective. A rank that is done repeats its last forward, unused.
+    """
     ids = list(prompt)
+    done = False
     for _ in range(max_new):
         logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits
         token = int(logits[0, -1].argmax())
-        if token == eos:
+        done = done or token == eos
+        if not done:
+            ids.append(token)
+        if all_ranks(done, device):
             break
-        ids.append(token)
     return ids[len(prompt) :]
 
 
-def all_reduce_max(value: float, device: torch.device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
+def check_same_data(tokenizer: Any, train: list[Sample], val: list[Sample]) -> None:
+    """DataError on every rank unless every rank built the same data: its sizes decide how
+    many steps (and collectives) a rank runs, e.g. a node reading its own, different copy."""
+    sizes = {
+        "tokenizer size": len(tokenizer),
+        "training sequences": len(train),
+        "training tokens": sum(len(s.input_ids) for s in train),
+        "validation samples": len(val),
+        "validation tokens": sum(len(s.input_ids) for s in val),
+    }
+    everyone = gather_objects(sizes)
+    for rank, theirs in enumerate(everyone):
+        differ = [
+            f"{key} {theirs[key]} (rank 0: {value})"
+            for key, value in everyone[0].items()
+            if theirs[key] != value
+        ]
+        if differ:
+            raise DataError(
+                f"rank {rank} built different data than rank 0 ({'; '.join(differ)}): every "
+                "rank must read the same train_dir, val_dir and tokenizer"
+            )
 
 
 def seed_everything(seed: int) -> None:

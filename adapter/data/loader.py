@@ -8,6 +8,7 @@ the position (epoch, step in epoch) is all a checkpoint needs to continue exactl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -81,6 +82,12 @@ class GlobalBatchSampler:
             raise ValueError(
                 f"the dataset has {num_samples} samples, fewer than model.global_batch_size="
                 f"{global_batch}; lower the global batch or add data"
+            )
+        if global_batch % (micro_batch * world_size):
+            # Every rank must run the same number of micro-batches (of the same size) per step.
+            raise ValueError(
+                f"the global batch {global_batch} is not a multiple of micro batch × ranks = "
+                f"{micro_batch} × {world_size}"
             )
         self.num_samples = num_samples
         self.global_batch = global_batch
@@ -194,8 +201,22 @@ def eval_batches(
     limit: int = 0,
     packed_attention: PackedAttention = "position_ids",
 ) -> Iterator[Batch]:
-    """This rank's strided share of the validation set, in micro-batches."""
+    """This rank's strided share of the validation set in micro-batches, then padding
+    batches (no label token) up to ``eval_batch_count``: the same number of forwards on
+    every rank, as FSDP needs (each forward is a collective), whatever the shares' sizes."""
     mine = samples[rank::world_size]
-    starts = range(0, len(mine), micro_batch)
-    for start in starts[:limit] if limit else starts:
-        yield pad_batch(mine[start : start + micro_batch], pad_id, None, packed_attention)
+    for index in range(eval_batch_count(len(samples), micro_batch, world_size, limit)):
+        part = mine[index * micro_batch : (index + 1) * micro_batch]
+        yield pad_batch(part, pad_id, None, packed_attention) if part else padding_batch(pad_id)
+
+
+def eval_batch_count(num_samples: int, micro_batch: int, world_size: int, limit: int = 0) -> int:
+    """Eval micro-batches per rank: those of the largest share (rank 0's), at most ``limit``."""
+    count = math.ceil(math.ceil(num_samples / world_size) / micro_batch)
+    return min(count, limit) if limit else count
+
+
+def padding_batch(pad_id: int) -> Batch:
+    """A one-row batch of pad tokens with every label ignored: a forward that adds 0 to a
+    summed loss and 0 label tokens, for a rank with no data left while the others run one."""
+    return pad_batch([Sample([pad_id, pad_id], [IGNORE_INDEX, IGNORE_INDEX])], pad_id)
