@@ -14,7 +14,6 @@ Importable without torch (the launcher uses it).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
@@ -28,10 +27,14 @@ def die_with_parent_hook(parent_pid: int) -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child die with ``parent_pid`` (the caller of Popen);
     None where Linux's prctl is not available.
 
-    libc is loaded here, before the fork, so the child only makes two system calls.
+    libc is loaded here, before the fork, so the child only makes two system calls. Linux
+    sends the signal when the *thread* that forked exits: start the child from the thread
+    that lives as long as the parent process (the main thread).
     """
     if sys.platform != "linux":
         return None
+    import ctypes  # here: a dry run, which never forks a job, does not pay for it
+
     prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def die_with_parent() -> None:
