@@ -2,37 +2,32 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 import yaml
 
 from adapter.config import load_recipe
+from adapter.lifetime import die_with_current_parent
 from adapter.schema import ConfigError
-
-PR_SET_PDEATHSIG = 1
 
 
 def die_with_torchrun() -> None:
     """Ask Linux to SIGKILL this rank when its torchrun agent dies.
 
     torchrun starts each rank in its own session, so a SIGKILLed agent (node failure,
-    preemption, ``scancel -s KILL``) would otherwise leave ranks training and writing into
-    the checkpoint directory beside the restarted job.
+    preemption, ``scancel -s KILL``, a SIGKILLed local launcher: see ``adapter.lifetime``)
+    would otherwise leave ranks training and writing into the checkpoint directory beside
+    the restarted job. A single rank without torchrun gets the same from the local launcher.
     """
-    if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the agent died before prctl took effect
-        os._exit(1)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_current_parent()
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_torchrun()  # first: the sooner, the shorter the window before it applies
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m adapter.train <recipe.yaml>", file=sys.stderr)
@@ -43,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, yaml.YAMLError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    die_with_torchrun()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from adapter.schema import ConfigError
+from launcher.backends import available, get_backend
 from launcher.backends.base import Artifacts, Backend, LaunchError
 from launcher.job import RECIPE_FILE, Job, plan
-from launcher.record import update_record, write_record
+from launcher.record import (
+    RunLock,
+    lock_holder,
+    read_record,
+    record_path,
+    update_record,
+    write_record,
+)
 
 
 def launch(cfg: dict[str, Any]) -> int:
@@ -21,18 +30,94 @@ def launch(cfg: dict[str, Any]) -> int:
         for warning in job.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         artifacts = backend.render(job)
-        write_artifacts(job, artifacts)
-        write_record(job.run_dir, initial_record(job, artifacts))
-        if job.settings.dry_run:
-            print_dry_run(job, artifacts)
-            return 0
-        return submit(job, backend, artifacts)
+        with claim_run_dir(job):
+            write_artifacts(job, artifacts)
+            write_record(job.run_dir, initial_record(job, artifacts))
+            if job.settings.dry_run:
+                print_dry_run(job, artifacts)
+                return 0
+            return submit(job, backend, artifacts)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+LIVE_STATES = {"PENDING", "RUNNING"}
+"""States of a job that may still write into its run dir."""
+
+
+def claim_run_dir(job: Job) -> RunLock:
+    """Make this launch the only writer of its run dir, before anything is written.
+
+    Two jobs saving into one ``checkpoints/`` corrupt each other's checkpoints, and even a
+    dry run rewrites the ``recipe.yaml`` and ``train.sh`` a running job reads. The run dir's
+    lock covers a launch in progress and a local job (it is held until the job has ended);
+    a job that a cluster runs is asked about through its backend's ``status()``. Refusals
+    are ``LaunchError``s (exit code 1): the config is valid, the run dir is busy, like a
+    cluster that refuses a submission (a ``ConfigError``, exit 2, means "fix the config").
+    """
+    lock = RunLock.acquire(job.run_dir)
+    if lock is None:
+        raise busy_run_dir(job, running_launch(job.run_dir))
+    try:
+        refuse_if_job_live(job)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def running_launch(run_dir: Path) -> str:
+    """The launch holding the run dir's lock, in words."""
+    holder = lock_holder(run_dir)
+    launcher = f"launcher pid {holder}" if holder else "launcher pid unknown"
+    record = read_record(run_dir) if record_path(run_dir).is_file() else {}
+    if holder and record.get("launcher_pid") == holder and record.get("pid"):
+        return f"its {record['backend']} job is running ({launcher}, job pid {record['pid']})"
+    return f"another launch of it is in progress ({launcher})"
+
+
+def refuse_if_job_live(job: Job) -> None:
+    """Raise if the job recorded in the run dir may still be queued or running on a cluster."""
+    if not record_path(job.run_dir).is_file():
+        return
+    record = read_record(job.run_dir)
+    if not record.get("submitted") or record.get("backend") not in available():
+        return
+    backend = get_backend(record["backend"])
+    if backend.foreground:  # lived under a launcher, whose lock is free now: it has ended
+        return
+    job_id = record.get("job_id") or record.get("job_name") or "?"
+    try:
+        status = backend.status(record)
+    except LaunchError as exc:
+        raise busy_run_dir(
+            job,
+            f"its earlier {record['backend']} job {job_id} may still be queued or running: "
+            f"it could not be verified ({exc})",
+            unverified=True,
+        ) from None
+    if status["state"] in LIVE_STATES:
+        job_id = status.get("job_id") or status.get("job_name") or job_id
+        raise busy_run_dir(job, f"{record['backend']} job {job_id} is {status['state']}")
+
+
+def busy_run_dir(job: Job, what: str, unverified: bool = False) -> LaunchError:
+    run_dir = job.run_dir
+    override = (
+        f"; if you know it has ended, remove {record_path(run_dir)} and launch again"
+        if unverified
+        else ""
+    )
+    return LaunchError(
+        f"run {job.name} is in use: {what}. A second launch would write into the same run "
+        f"directory {run_dir} (checkpoints/, recipe.yaml, train.sh). Wait for it to end or "
+        f"stop it: python -m launcher cancel {run_dir}{override}; or launch this one under "
+        "another name: recipes.run.name=<new name>"
+    )
 
 
 def write_artifacts(job: Job, artifacts: Artifacts) -> None:

@@ -625,10 +625,11 @@ def test_submitting_the_same_run_twice_is_a_409(
 ) -> None:
     assert submit(tmp_path) == 0
     capsys.readouterr()
-    assert submit(tmp_path) == 1
+    other = tmp_path / "other"  # same run name, another run dir (the same one is refused)
+    assert submit(other) == 1
     err = capsys.readouterr().err
     assert f"rejected ConfigMap default/{JOB_NAME}-recipe (HTTP 409 AlreadyExists)" in err
-    assert f"manifest: {tmp_path / RUN_NAME / 'configmap.yaml'}" in err
+    assert f"manifest: {other / RUN_NAME / 'configmap.yaml'}" in err
     assert "python -m launcher cancel" in err and "recipes.run.name" in err
     assert JOB_NAME in api.objects(PYTORCHJOBS, "default")  # the first run is untouched
 
@@ -639,10 +640,11 @@ def test_job_409_removes_the_configmap_it_just_created(
     assert submit(tmp_path) == 0
     api.handler.objects[CONFIGMAPS, "default", f"{JOB_NAME}-recipe"].delete()
     capsys.readouterr()
-    assert submit(tmp_path) == 1
+    other = tmp_path / "other"  # same run name, another run dir (the same one is refused)
+    assert submit(other) == 1
     err = capsys.readouterr().err
     assert f"rejected PyTorchJob default/{JOB_NAME} (HTTP 409" in err
-    assert f"manifest: {tmp_path / RUN_NAME / 'pytorchjob.yaml'}" in err
+    assert f"manifest: {other / RUN_NAME / 'pytorchjob.yaml'}" in err
     assert api.objects(CONFIGMAPS, "default") == {}
 
 

@@ -45,6 +45,7 @@ def test_dry_run_writes_resolved_recipe_script_and_record(results: Path) -> None
     assert f"dry run: nothing submitted; wrote to {run_dir}" in out.stdout
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "launch.json",
+        "launch.lock",
         "logs",
         "recipe.yaml",
         "train.sh",

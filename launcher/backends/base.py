@@ -52,6 +52,9 @@ class Backend:
 
     type: ClassVar[str]
     cluster_schema: ClassVar[type[ClusterConfig]] = ClusterConfig
+    foreground: ClassVar[bool] = False
+    """The job runs under the launching process and ends with it (local): it is live exactly
+    while the run dir's lock is held (``launcher.record.RunLock``), without asking a cluster."""
 
     def validate(self, job: Job) -> list[str]:
         """Backend-specific cross-checks, as ``key: message`` lines. Pure, no I/O beyond stat."""

@@ -492,6 +492,12 @@ def wait_finished(job_id: str, timeout_s: float, poll_s: float = 0.5) -> dict[st
 
 def _scontrol_job(job_id: str) -> dict[str, str] | None:
     result = _run_slurm(["scontrol", "show", "job", "-o", job_id], "status", check=False)
+    if result.returncode != 0 and any(fragment in result.stderr for fragment in UNREACHABLE):
+        # Not "no such job": whether it still runs is unknown (squeue/sacct would say the same).
+        raise LaunchError(
+            "cannot reach the Slurm controller (check `sinfo`, SLURM_CONF and munged): "
+            f"{result.stderr.strip()}"
+        )
     if result.returncode != 0 or "JobState=" not in result.stdout:
         return None
     return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
