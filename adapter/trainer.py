@@ -427,10 +427,8 @@ class Trainer:
         if not self.checkpoints.should_save(step, final):
             return
         info = describe_run(self.recipe, self.model, self.tokenizer)
-        # Rank 0 alone completes a synchronous save (assets, marker, pruning) after the
-        # collective write: the other ranks must not train on into a collective without it.
-        with fail_together(f"saving the checkpoint of step {step}"):
-            report = self.checkpoints.save(step, self.checkpoint_state, info, final=final)
+        # A save that fails on any rank (rank 0 alone writes the marker) raises on every rank.
+        report = self.checkpoints.save(step, self.checkpoint_state, info, final=final)
         if report is None:
             return
         how = "async, writing in the background" if report.asynchronous else "sync"

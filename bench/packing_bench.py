@@ -7,15 +7,15 @@ The data are random tokens with the real length distribution of 100 Stanford Alp
 the rows rather than their text, which this repository does not ship. The rows become a
 pre-tokenized dataset (``dataset_type: hf``: prompt tokens masked out of the loss, as the
 alpaca format does). It builds three real trainers (one CPU rank, fp32) of the same tiny
-random-init Llama, one on padded samples and two on packed sequences (attention per document, ``document_sdpa``, as the adapter trains packed data;
-and HF's SDPA with the block mask it builds from the restarted position ids, the adapter
-before ``document_sdpa``), and times their ``train_step``s alternately (so that load from
-other processes hits all alike). Every repetition starts the samplers from the beginning
-and runs as many steps as one epoch takes without packing (each padded batch once; the
-padding share of another epoch's order differs by several points). Effective tokens/s
-counts non-pad tokens only; the figure is the median over repetitions. The bound
-is what packing could give if every token cost the same: (1 − packed padding share) /
-(1 − padded padding share).
+random-init Llama, one on padded samples and two on packed sequences (attention per
+document, ``document_sdpa``, as the adapter trains packed data; and HF's SDPA with the block
+mask it builds from the restarted position ids, the adapter before ``document_sdpa``), and
+times their ``train_step``s alternately (so that load from other processes hits all alike).
+Every repetition starts the samplers from the beginning and runs as many steps as one epoch
+takes without packing (each padded batch once; the padding share of another epoch's order
+differs by several points). Effective tokens/s counts non-pad tokens only; the figure is the
+median over repetitions. The bound is what packing could give if every token cost the same:
+(1 − packed padding share) / (1 − padded padding share).
 """
 
 from __future__ import annotations
