@@ -10,7 +10,8 @@ import yaml
 
 from adapter.schema import ConfigError
 from launcher.backends.base import Artifacts, Backend, LaunchError
-from launcher.job import RECIPE_FILE, Job, plan
+from launcher.job import RECIPE_FILE, Job, create_run_dir, plan
+from launcher.paths import reason
 from launcher.record import update_record, write_record
 
 
@@ -36,15 +37,17 @@ def launch(cfg: dict[str, Any]) -> int:
 
 
 def write_artifacts(job: Job, artifacts: Artifacts) -> None:
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    (job.run_dir / "logs").mkdir(exist_ok=True)
+    create_run_dir(job)
     files = {RECIPE_FILE: dump_yaml(artifacts.recipe), **artifacts.files}
     for name, text in files.items():
         path = job.run_dir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        if name in artifacts.executable:
-            path.chmod(0o755)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            if name in artifacts.executable:
+                path.chmod(0o755)
+        except OSError as exc:
+            raise LaunchError(f"can't write {path}: {reason(exc)}") from None
 
 
 SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
