@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from adapter.schema import bounded, load, nested, to_dict
+from adapter.families import FAMILIES, GENERIC_ARCH_KEYS, REMOTE_CODE, unknown_family
+from adapter.schema import Problem, bounded, load, nested, rule, to_dict
 
 Precision = Literal["32", "bf16", "16"]
 ShardingStrategy = Literal["full_shard", "hybrid_shard", "shard_grad_op", "no_shard"]
@@ -38,17 +39,18 @@ class RunConfig:
     time_limit: str = "6-00:00:00"
     """Wall-clock limit in Slurm format ``[D-]HH:MM:SS`` (also SageMaker ``max_run``)."""
 
-    def check(self) -> list[tuple[str, str]]:
-        problems = []
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
-            problems.append(
-                ("name", f"got {self.name!r}; use letters, digits, '-', '_' and '.' only")
-            )
-        if parse_time_limit(self.time_limit) is None:
-            problems.append(
-                ("time_limit", f"got {self.time_limit!r}; expected [D-]HH:MM:SS, e.g. 1-12:00:00")
-            )
-        return problems
+    @rule("name")
+    def _name_is_a_path_part(self) -> list[Problem]:
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            return []
+        return [Problem("name", f"got {self.name!r}; use letters, digits, '-', '_' and '.' only")]
+
+    @rule("time_limit")
+    def _time_limit_parses(self) -> list[Problem]:
+        if parse_time_limit(self.time_limit) is not None:
+            return []
+        message = f"got {self.time_limit!r}; expected [D-]HH:MM:SS, e.g. 1-12:00:00"
+        return [Problem("time_limit", message)]
 
 
 @dataclass(kw_only=True)
@@ -72,21 +74,26 @@ class TrainerConfig:
     log_every_n_steps: int = bounded(10, ge=1)
     """Print/record metrics every N optimizer steps."""
 
-    def check(self) -> list[tuple[str, str]]:
-        problems = []
+    @rule("max_steps", "max_epochs")
+    def _has_a_length(self) -> list[Problem]:
         if self.max_steps == -1 and self.max_epochs is None:
-            problems.append(("max_steps", "set trainer.max_steps or trainer.max_epochs"))
-        if isinstance(self.val_check_interval, str) and not DURATION.match(self.val_check_interval):
-            problems.append(
-                (
+            return [Problem("max_steps", "set trainer.max_steps or trainer.max_epochs")]
+        return []
+
+    @rule("val_check_interval")
+    def _interval_is_a_duration(self) -> list[Problem]:
+        interval = self.val_check_interval
+        if isinstance(interval, str) and not DURATION.match(interval):
+            return [
+                Problem(
                     "val_check_interval",
-                    f"got {self.val_check_interval!r}; use steps (int) or a duration "
-                    "such as '1ep' (epochs) or '500ba' (batches)",
+                    f"got {interval!r}; use steps (int) or a duration such as '1ep' (epochs) "
+                    "or '500ba' (batches)",
                 )
-            )
-        if isinstance(self.val_check_interval, int) and self.val_check_interval < 0:
-            problems.append(("val_check_interval", "must be ≥ 0"))
-        return problems
+            ]
+        if isinstance(interval, int) and interval < 0:
+            return [Problem("val_check_interval", "must be ≥ 0")]
+        return []
 
 
 @dataclass(kw_only=True)
@@ -160,9 +167,11 @@ class OptimConfig:
     sched: SchedConfig = nested(SchedConfig)
     """Learning-rate schedule."""
 
-    def check(self) -> list[tuple[str, str]]:
+    @rule("betas")
+    def _betas_are_two_fractions(self) -> list[Problem]:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            return [("betas", f"got {self.betas}; expected two values in [0, 1), e.g. [0.9, 0.95]")]
+            message = f"got {self.betas}; expected two values in [0, 1), e.g. [0.9, 0.95]"
+            return [Problem("betas", message)]
         return []
 
 
@@ -209,20 +218,24 @@ class DataConfig:
     num_workers: int = bounded(0, ge=0)
     """DataLoader worker processes per rank."""
 
-    def check(self) -> list[tuple[str, str]]:
+    @rule("synthetic", "train_dir")
+    def _one_source(self) -> list[Problem]:
         if self.synthetic is None and self.train_dir is None:
-            return [("train_dir", "is required (a file or directory), or set model.data.synthetic")]
+            message = "is required (a file or directory), or set model.data.synthetic"
+            return [Problem("train_dir", message)]
         if self.synthetic is not None and self.train_dir is not None:
-            return [("synthetic", "can't provide both train_dir and synthetic. Choose one.")]
-        return self._check_template()
+            message = "can't provide both train_dir and synthetic. Choose one."
+            return [Problem("synthetic", message)]
+        return []
 
-    def _check_template(self) -> list[tuple[str, str]]:
+    @rule("prompt_template", "dataset_type", "synthetic")
+    def _template_fits(self) -> list[Problem]:
         template = self.prompt_template
         if template is None:
             return []
         if self.dataset_type != "prompt_response" and self.synthetic is None:
             return [
-                (
+                Problem(
                     "prompt_template",
                     f"applies to dataset_type=prompt_response only (this is "
                     f"{self.dataset_type}, which has its own template); remove it",
@@ -231,16 +244,17 @@ class DataConfig:
         try:
             template.format(prompt="")
         except (KeyError, IndexError, ValueError) as exc:
-            return [("prompt_template", f"{template!r} isn't a valid template ({exc!r})")]
+            return [Problem("prompt_template", f"{template!r} isn't a valid template ({exc!r})")]
         if "{prompt}" not in template:
-            return [("prompt_template", f"{template!r} has no {{prompt}} placeholder")]
+            return [Problem("prompt_template", f"{template!r} has no {{prompt}} placeholder")]
         return []
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
     model_type: str = "llama"
-    """Model family (llama, mistral, mixtral, qwen2, mpt, gpt2, glm, chatglm)."""
+    """Model family of a random-init model (``adapter.families``: llama, mistral, mixtral,
+    qwen2, mpt, gpt2, glm); a pretrained model's family comes from its checkpoint."""
     hf_model_name_or_path: str | None = None
     """Pretrained weights: hub id or local dir. Null = random init from the keys below."""
     tokenizer_name_or_path: str | None = None
@@ -297,29 +311,34 @@ class ModelConfig:
     data: DataConfig = nested(DataConfig)
     """Training and validation data."""
 
-    def check(self) -> list[tuple[str, str]]:
-        problems = []
+    @rule("max_context_width", "max_position_embeddings")
+    def _context_fits_positions(self) -> list[Problem]:
         positions = self.max_position_embeddings
-        if positions is not None and self.max_context_width > positions:
-            problems.append(
-                (
-                    "max_context_width",
-                    f"got {self.max_context_width}, more than the model's "
-                    f"max_position_embeddings={positions}; lower it or raise the positions",
-                )
+        if positions is None or self.max_context_width <= positions:
+            return []
+        return [
+            Problem(
+                "max_context_width",
+                f"got {self.max_context_width}, more than the model's "
+                f"max_position_embeddings={positions}; lower it or raise the positions",
             )
+        ]
+
+    @rule("hidden_size", "num_attention_heads")
+    def _heads_divide_width(self) -> list[Problem]:
         heads = self.num_attention_heads
         if self.hidden_size and heads and self.hidden_size % heads:
-            problems.append(
-                (
-                    "hidden_size",
-                    f"{self.hidden_size} is not divisible by num_attention_heads={heads}",
-                )
-            )
+            message = f"{self.hidden_size} is not divisible by num_attention_heads={heads}"
+            return [Problem("hidden_size", message)]
+        return []
+
+    @rule("peft.peft_type", "data.packing", "hf_model_name_or_path")
+    def _peft_fits(self) -> list[Problem]:
         peft_type = self.peft.peft_type
+        problems = []
         if peft_type in PROMPT_LEARNING and self.data.packing:
             problems.append(
-                (
+                Problem(
                     "peft.peft_type",
                     f"{peft_type} prepends virtual tokens to every sequence and can't be "
                     "combined with model.data.packing=true; choose one",
@@ -327,21 +346,52 @@ class ModelConfig:
             )
         if peft_type == "qlora_4bit" and self.hf_model_name_or_path is None:
             problems.append(
-                (
+                Problem(
                     "peft.peft_type",
                     "qlora_4bit quantizes pretrained weights as they load: set "
                     "model.hf_model_name_or_path",
                 )
             )
+        return problems
+
+    @rule("hf_model_name_or_path", "num_hidden_layers")
+    def _weights_or_architecture(self) -> list[Problem]:
         if self.hf_model_name_or_path is None and self.num_hidden_layers is None:
-            problems.append(
-                (
+            return [
+                Problem(
                     "hf_model_name_or_path",
                     "is required unless the architecture is given "
                     "(num_hidden_layers, hidden_size, ...) for a random-init model",
                 )
+            ]
+        return []
+
+    @rule("model_type", "hf_model_name_or_path")
+    def _family_is_buildable(self) -> list[Problem]:
+        """A random-init model is built from a registered family (``adapter.families``); a
+        pretrained one from its checkpoint's config, whatever ``model_type`` says."""
+        if self.hf_model_name_or_path is not None:
+            return []
+        family = FAMILIES.get(self.model_type)
+        if family is None:
+            return [Problem("model_type", unknown_family(self.model_type))]
+        if family.remote_code:
+            message = (
+                f"got {self.model_type!r}, which can't be built from random init: {REMOTE_CODE}"
             )
-        return problems
+            return [Problem("model_type", message)]
+        return []
+
+    @rule("model_type", "hf_model_name_or_path", *GENERIC_ARCH_KEYS)
+    def _architecture_keys_apply(self) -> list[Problem]:
+        family = FAMILIES.get(self.model_type)
+        if self.hf_model_name_or_path is not None or family is None:
+            return []
+        return [
+            Problem(key, f"doesn't apply to model_type={self.model_type}; remove it")
+            for key in GENERIC_ARCH_KEYS
+            if getattr(self, key) is not None and family.key_map.get(key, key) is None
+        ]
 
 
 @dataclass(kw_only=True)
@@ -366,32 +416,40 @@ class Recipe:
         per_step = self.model.train_batch_size * self.world_size
         return 1 if global_batch is None else max(1, global_batch // per_step)
 
-    def check(self) -> list[tuple[str, str]]:
-        problems = []
+    @rule(
+        "model.train_batch_size", "model.global_batch_size", "trainer.devices", "trainer.num_nodes"
+    )
+    def _global_batch_fits_ranks(self) -> list[Problem]:
         per_step = self.model.train_batch_size * self.world_size
         global_batch = self.model.global_batch_size
-        if global_batch is not None and global_batch % per_step:
-            nearest = per_step * max(1, round(global_batch / per_step))
-            problems.append(
-                (
-                    "model.global_batch_size",
-                    f"got {global_batch}; must be a multiple of micro batch × devices × nodes = "
-                    f"{self.model.train_batch_size} × {self.trainer.devices} × "
-                    f"{self.trainer.num_nodes} = {per_step} (e.g. {nearest})",
-                )
+        if global_batch is None or global_batch % per_step == 0:
+            return []
+        nearest = per_step * max(1, round(global_batch / per_step))
+        return [
+            Problem(
+                "model.global_batch_size",
+                f"got {global_batch}; must be a multiple of micro batch × devices × nodes = "
+                f"{self.model.train_batch_size} × {self.trainer.devices} × "
+                f"{self.trainer.num_nodes} = {per_step} (e.g. {nearest})",
             )
+        ]
+
+    @rule("model.shard_degree", "model.sharding_strategy", "trainer.devices", "trainer.num_nodes")
+    def _shard_degree_fits(self) -> list[Problem]:
         degree = self.model.shard_degree
-        if degree is not None and self.world_size % degree:
+        if degree is None:
+            return []
+        problems = []
+        if self.world_size % degree:
             problems.append(
-                (
+                Problem(
                     "model.shard_degree",
                     f"got {degree}; must divide the world size devices × nodes = {self.world_size}",
                 )
             )
-        if self.model.sharding_strategy != "hybrid_shard" and degree is not None:
-            problems.append(
-                ("model.shard_degree", "only applies to sharding_strategy=hybrid_shard; remove it")
-            )
+        if self.model.sharding_strategy != "hybrid_shard":
+            message = "only applies to sharding_strategy=hybrid_shard; remove it"
+            problems.append(Problem("model.shard_degree", message))
         return problems
 
 

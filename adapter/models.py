@@ -1,95 +1,26 @@
 """Build Hugging Face causal LMs by family, and find the decoder layers FSDP2 shards.
 
-A family is registered once with everything that varies per model: its HF ``model_type``,
-its decoder-layer classes, how the recipe's generic architecture keys map to its config
-names, and how it confines attention to packed samples. A random-init model must be a
-registered family; a pretrained one is resolved from its own config, and a model type we
-don't know still trains through a generic path (decoder layers = the longest ModuleList).
+The families are registered in ``adapter.families`` (torch-free: the launcher checks
+``model.model_type`` against them too). A random-init model must be a registered family; a
+pretrained one is resolved from its own config, and a model type we don't know still trains
+through a generic path (decoder layers = the longest ModuleList).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from adapter.config import ModelConfig
-
-GENERIC_ARCH_KEYS = (
-    "num_hidden_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "vocab_size",
-    "max_position_embeddings",
-    "num_local_experts",
-    "num_experts_per_tok",
+from adapter.families import (
+    FAMILIES,
+    GENERIC_ARCH_KEYS,
+    REMOTE_CODE,
+    ModelFamily,
+    unknown_family,
 )
-MOE_KEYS = ("num_local_experts", "num_experts_per_tok")
-
-PackedAttention = Literal["position_ids", "block_mask"]
-
-
-@dataclass(frozen=True)
-class ModelFamily:
-    hf_model_type: str
-    """``model_type`` of the family's Hugging Face config."""
-    layer_classes: tuple[str, ...]
-    """Class names of the decoder layers (the unit of sharding and checkpointing)."""
-    key_map: dict[str, str | None] = field(default_factory=dict)
-    """Generic architecture key → this family's config key (identity when absent; None =
-    the key doesn't apply to this family)."""
-    remote_code: bool = False
-    """Needs ``trust_remote_code`` (model code lives in the checkpoint repo)."""
-    packing: PackedAttention | None = "position_ids"
-    """How attention is confined to packed samples: restarted position ids (HF's mask
-    builder and flash-attention varlen detect them), a 4-D block mask, or not supported."""
-    explicit_head_dim: bool = False
-    """The config's ``head_dim`` doesn't follow hidden_size / heads by default (GLM: 128)."""
-
-
-DENSE = {key: None for key in MOE_KEYS}
-"""Dense families: the mixture-of-experts keys don't apply."""
-
-FAMILIES: dict[str, ModelFamily] = {
-    "llama": ModelFamily("llama", ("LlamaDecoderLayer",), DENSE),
-    "mistral": ModelFamily("mistral", ("MistralDecoderLayer",), DENSE),
-    "mixtral": ModelFamily("mixtral", ("MixtralDecoderLayer",)),
-    "qwen2": ModelFamily("qwen2", ("Qwen2DecoderLayer",), DENSE),
-    "glm": ModelFamily("glm", ("GlmDecoderLayer",), DENSE, explicit_head_dim=True),
-    "mpt": ModelFamily(
-        "mpt",
-        ("MptBlock",),
-        {
-            **DENSE,
-            "num_hidden_layers": "n_layers",
-            "hidden_size": "d_model",
-            "num_attention_heads": "n_heads",
-            "max_position_embeddings": "max_seq_len",
-            "num_key_value_heads": None,
-        },
-        # MPT takes no position ids (ALiBi); its eager attention reads a 4-D mask.
-        packing="block_mask",
-    ),
-    "gpt2": ModelFamily(
-        "gpt2",
-        ("GPT2Block",),
-        {
-            **DENSE,
-            "num_hidden_layers": "n_layer",
-            "hidden_size": "n_embd",
-            "num_attention_heads": "n_head",
-            "max_position_embeddings": "n_positions",
-            "intermediate_size": "n_inner",
-            "num_key_value_heads": None,
-        },
-    ),
-    # ChatGLM-6B (remote code): 2-D position ids of its own, so no packing.
-    "chatglm": ModelFamily("chatglm", ("GLMBlock",), remote_code=True, packing=None),
-}
 
 
 class ModelError(Exception):
@@ -99,11 +30,7 @@ class ModelError(Exception):
 def family_of(model: ModelConfig) -> ModelFamily:
     """The registered family named by ``model.model_type``."""
     if model.model_type not in FAMILIES:
-        known = ", ".join(sorted(FAMILIES))
-        raise ModelError(
-            f"model.model_type: unknown {model.model_type!r}; known families: {known} "
-            "(a pretrained model of another type works through model.hf_model_name_or_path)"
-        )
+        raise ModelError(f"model.model_type: {unknown_family(model.model_type)}")
     return FAMILIES[model.model_type]
 
 
@@ -116,11 +43,7 @@ def resolve_family(model: ModelConfig) -> ModelFamily:
     if model.hf_model_name_or_path is None:
         family = family_of(model)
         if family.remote_code:
-            raise ModelError(
-                f"model.model_type={model.model_type}: its code lives in the checkpoint repo; "
-                "set model.hf_model_name_or_path (e.g. THUDM/chatglm-6b) and "
-                "model.trust_remote_code=true"
-            )
+            raise ModelError(f"model.model_type={model.model_type}: {REMOTE_CODE}")
         return family
     hf_type = pretrained_model_type(model)
     if hf_type in FAMILIES:

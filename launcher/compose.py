@@ -27,7 +27,7 @@ def compose_config(overrides: Sequence[str], collection: Path = COLLECTION) -> d
     """The resolved config tree that ``python main.py <overrides>`` launches."""
     import yaml
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -35,9 +35,42 @@ def compose_config(overrides: Sequence[str], collection: Path = COLLECTION) -> d
         with initialize_config_dir(str(collection), version_base="1.3", job_name="main"):
             cfg = compose(PRIMARY_CONFIG, overrides=list(overrides))
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except OverrideParseException as exc:
+        raise CompositionError(override_error(exc.override)) from exc
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as exc:
         # YAML errors name the file, line and column of the mistake themselves.
         raise CompositionError(explain(exc)) from exc
+
+
+OVERRIDE_FORMS = (
+    "Overrides are key=value, +key=value (adds a key the config lacks) and ~key (removes "
+    "one); a list is key=[1,2], and a value with spaces, commas, brackets or '~' is quoted "
+    """for Hydra inside the shell's quotes: 'key="a, b"'. Grammar: """
+    "https://hydra.cc/docs/1.2/advanced/override_grammar/basic"
+)
+
+
+def override_error(override: str) -> str:
+    """Which override Hydra could not parse, why, and the forms it takes."""
+    return f"can't parse the override {override!r}: {_parse_failure(override)}\n{OVERRIDE_FORMS}"
+
+
+def _parse_failure(override: str) -> str:
+    """Hydra's reason for refusing ``override`` (with the column of a bad character)."""
+    from antlr4.error.Errors import LexerNoViableAltException
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if "=" not in override and not override.startswith("~"):
+        return "no '=' (an override sets a key to a value)"
+    try:
+        OverridesParser.create().parse_rule(override, "override")
+    except HydraException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, LexerNoViableAltException):
+            return f"{exc} (column {cause.startIndex + 1})"
+        return str(exc)
+    return "not a valid override"
 
 
 def explain(exc: BaseException) -> str:

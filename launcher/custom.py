@@ -16,11 +16,12 @@ adapter's (``adapter/config.py``); ``custom``, it is a :class:`CustomJob`. The c
 configs are the same for both: a backend hands its rendezvous to ``Job.node_command``,
 which starts the adapter, or this entry point under its launcher, in ``Job.cd_line()``'s
 directory. Validated at launch with everything else: the schema here, then the checks that
-depend on the cluster (:func:`check_job`).
+depend on the cluster (:data:`RULES`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 import shlex
@@ -31,7 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from adapter.config import Recipe, RunConfig, TrainerConfig
-from adapter.schema import Problem, bounded, nested, parse, suggest
+from adapter.schema import Parsed, Problem, bounded, nested, parse_partial, rule, suggest, warning
+from launcher import paths
 
 if TYPE_CHECKING:
     from launcher.job import Job, Rendezvous
@@ -147,13 +149,21 @@ class CustomJob:
     script: ScriptConfig
     """The entry point, its arguments, launcher, code directory and requirements."""
 
-    def check(self) -> list[tuple[str, str]]:
-        return [
-            *_check_entry_point(self.script),
-            *_check_args(self.script),
-            *_check_launcher(self),
-            *_check_requirements(self.script),
-        ]
+    @rule("script.entry_point", "script.module")
+    def _entry_point_is_a_file_or_module(self) -> list[Problem]:
+        return _check_entry_point(self.script)
+
+    @rule("script.args", "script.launcher_args")
+    def _args_are_single_lines(self) -> list[Problem]:
+        return _check_args(self.script)
+
+    @rule("script.launcher", "script.launcher_args", "trainer.num_nodes")
+    def _launcher_fits(self) -> list[Problem]:
+        return _check_launcher(self)
+
+    @rule("script.requirements")
+    def _requirements_parse(self) -> list[Problem]:
+        return _check_requirements(self.script)
 
 
 # --- the recipe kind --------------------------------------------------------------------
@@ -161,19 +171,28 @@ class CustomJob:
 
 def parse_recipe(data: Any) -> tuple[Recipe | None, CustomJob | None, list[Problem]]:
     """The recipe ``data`` as its ``kind`` says: (recipe, None) for the adapter's recipes,
-    (the recipe backends read for run and trainer, the custom job) for ``kind: custom``."""
+    (the recipe backends read for run and trainer, the custom job) for ``kind: custom``;
+    then every problem (see :func:`read_recipe`)."""
+    recipe, custom, parsed = read_recipe(data)
+    return recipe, custom, parsed.problems
+
+
+def read_recipe(data: Any) -> tuple[Recipe | None, CustomJob | None, Parsed]:
+    """Like :func:`parse_recipe`, with the parse itself: the keys that failed, for the rules
+    of the launch to skip; the instances are built even then (defaults for failed keys)."""
     kind = data.get("kind", "train") if isinstance(data, dict) else "train"
     if kind == "train":
         rest = {k: v for k, v in data.items() if k != "kind"} if isinstance(data, dict) else data
-        recipe, problems = parse(Recipe, rest, "recipes")
-        return recipe, None, problems
+        parsed = parse_partial(Recipe, rest, "recipes")
+        return parsed.instance, None, parsed
     if kind == "custom":
-        custom, problems = parse(CustomJob, data, "recipes")
-        return (None if custom is None else shared_recipe(custom)), custom, problems
+        parsed = parse_partial(CustomJob, data, "recipes")
+        custom = parsed.instance
+        return (None if custom is None else shared_recipe(custom)), custom, parsed
     message = (
         f"got {kind!r}{suggest(str(kind), KINDS)}; allowed values: 'train' (the default), 'custom'"
     )
-    return None, None, [Problem("recipes.kind", message)]
+    return None, None, Parsed(None, [Problem("recipes.kind", message)], frozenset({"recipes.kind"}))
 
 
 def shared_recipe(custom: CustomJob) -> Recipe:
@@ -227,54 +246,68 @@ def composer_flags(custom: CustomJob, rdzv: Rendezvous) -> list[str]:
 
 
 def workdir(job: Job) -> str | None:
-    """Where the per-node command runs: ``source_dir`` (resolved by :func:`check_job`), the
-    launch directory on local/slurm, the staged source on sm_jobs (already the working
+    """Where the per-node command runs: ``source_dir`` (absolute: :func:`with_absolute_source`),
+    the launch directory on local/slurm, the staged source on sm_jobs (already the working
     directory there), the image's working directory on k8s."""
     if job.custom is None or job.cluster.type == "sm_jobs":
         return None
     source = job.custom.script.source_dir
     if source is None and job.cluster.type in CHECKED_HERE:
-        return str(Path.cwd())
+        return job.resolved.launch_dir
     return source
+
+
+def with_absolute_source(custom: CustomJob, cluster_type: str) -> CustomJob:
+    """``custom`` with an existing ``script.source_dir`` made absolute where the code is
+    read on this machine (every backend but k8s, whose paths are the pods'): the directory
+    recipe.yaml names, the job runs in and sm_jobs uploads."""
+    source = custom.script.source_dir
+    path = None if source is None or cluster_type == "k8s" else paths.absolute(source)
+    if path is None or not path.is_dir():
+        return custom
+    script = dataclasses.replace(custom.script, source_dir=str(path))
+    return dataclasses.replace(custom, script=script)
 
 
 # --- checks of the schema (pure) ----------------------------------------------------------
 
 
-def _check_entry_point(script: ScriptConfig) -> list[tuple[str, str]]:
+def _check_entry_point(script: ScriptConfig) -> list[Problem]:
     entry = script.entry_point
     if script.module and not MODULE_NAME.fullmatch(entry):
-        return [("script.entry_point", f"got {entry!r}; with module: true, a dotted module name")]
+        message = f"got {entry!r}; with module: true, a dotted module name"
+        return [Problem("script.entry_point", message)]
     if not script.module and not entry.endswith(".py"):
         hint = (
             " (or set script.module=true to run a module)" if MODULE_NAME.fullmatch(entry) else ""
         )
-        return [("script.entry_point", f"got {entry!r}; expected a Python file (*.py){hint}")]
+        message = f"got {entry!r}; expected a Python file (*.py){hint}"
+        return [Problem("script.entry_point", message)]
     return []
 
 
-def _check_args(script: ScriptConfig) -> list[tuple[str, str]]:
+def _check_args(script: ScriptConfig) -> list[Problem]:
     problems = []
     for key in ("args", "launcher_args"):
         for i, arg in enumerate(map(str, getattr(script, key))):
             if "\n" in arg or "\0" in arg:
-                problems.append((f"script.{key}[{i}]", f"got {arg!r}; one line per argument"))
+                message = f"got {arg!r}; one line per argument"
+                problems.append(Problem(f"script.{key}[{i}]", message))
     for i, arg in enumerate(script.launcher_args):
         if not arg.startswith("-"):
-            problems.append(
-                (f"script.launcher_args[{i}]", f"got {arg!r}; expected an option such as --x=1")
-            )
+            message = f"got {arg!r}; expected an option such as --x=1"
+            problems.append(Problem(f"script.launcher_args[{i}]", message))
     return problems
 
 
-def _check_launcher(custom: CustomJob) -> list[tuple[str, str]]:
+def _check_launcher(custom: CustomJob) -> list[Problem]:
     script = custom.script
     problems = []
     reserved = RENDEZVOUS_FLAGS[script.launcher]
     for i, arg in enumerate(script.launcher_args):
         if arg.split("=", 1)[0] in reserved:
             problems.append(
-                (
+                Problem(
                     f"script.launcher_args[{i}]",
                     f"{arg!r} is set from the cluster, trainer.num_nodes/devices and "
                     "script.module; remove it",
@@ -282,7 +315,7 @@ def _check_launcher(custom: CustomJob) -> list[tuple[str, str]]:
             )
     if script.launcher == "deepspeed" and custom.trainer.num_nodes > 1:
         problems.append(
-            (
+            Problem(
                 "script.launcher",
                 "deepspeed starts the other nodes itself over ssh, but every backend here "
                 f"starts one launcher per node ({custom.trainer.num_nodes} nodes): use "
@@ -293,7 +326,7 @@ def _check_launcher(custom: CustomJob) -> list[tuple[str, str]]:
     return problems
 
 
-def _check_requirements(script: ScriptConfig) -> list[tuple[str, str]]:
+def _check_requirements(script: ScriptConfig) -> list[Problem]:
     from packaging.requirements import InvalidRequirement, Requirement
 
     problems = []
@@ -301,77 +334,111 @@ def _check_requirements(script: ScriptConfig) -> list[tuple[str, str]]:
         try:
             Requirement(text)
         except InvalidRequirement as exc:
-            problems.append(
-                (f"script.requirements[{i}]", f"got {text!r}; not a pip requirement ({exc})")
-            )
+            message = f"got {text!r}; not a pip requirement ({exc})"
+            problems.append(Problem(f"script.requirements[{i}]", message))
     return problems
 
 
 # --- checks that depend on the cluster --------------------------------------------------
 
+SCRIPT = "recipes.script"
 
-def check_job(job: Job) -> list[Problem]:
-    """A custom job's checks on this cluster; resolves ``source_dir`` where it is local."""
-    if job.custom is None:
+
+@rule(f"{SCRIPT}.source_dir")
+def _code_is_a_pod_path(job: Job) -> list[Problem]:
+    """On k8s the code is in the pods (image or volume): an absolute path there, or null."""
+    if job.custom is None or job.cluster.type != "k8s":
         return []
-    script, cluster_type = job.custom.script, job.cluster.type
-    if cluster_type == "k8s":
-        return _check_pod_path(script)
-    if cluster_type == "sm_jobs" and script.source_dir is None:
-        return [
-            Problem(
-                "recipes.script.source_dir",
-                "is required for cluster=sm_jobs, which uploads the code: set it to the "
-                f"directory holding {script.entry_point}",
-            )
-        ]
-    problems = _check_source(script, cluster_type)
-    if cluster_type == "local" or (cluster_type == "slurm" and not job.settings.container):
-        problems += _check_installed(script, cluster_type == "local")
-    if cluster_type == "slurm" and job.settings.container and not problems:
-        job.warnings.extend(_container_warnings(job))
-    return problems
-
-
-def _check_pod_path(script: ScriptConfig) -> list[Problem]:
-    if script.source_dir is None or script.source_dir.startswith("/"):
+    source = job.custom.script.source_dir
+    if source is None or source.startswith("/"):
         return []
     return [
         Problem(
-            "recipes.script.source_dir",
-            f"got {script.source_dir!r}; on k8s, an absolute path in the pods (inside the "
+            f"{SCRIPT}.source_dir",
+            f"got {source!r}; on k8s, an absolute path in the pods (inside the "
             "image or on a mounted volume), or null for the image's working directory",
         )
     ]
 
 
-def _container_warnings(job: Job) -> list[str]:
-    """The code directory must be mounted into a Slurm job's container (pyxis mounts)."""
+@rule(f"{SCRIPT}.source_dir", f"{SCRIPT}.entry_point")
+def _code_to_upload(job: Job) -> list[Problem]:
+    """sm_jobs uploads the code: it needs the directory."""
+    if job.custom is None or job.cluster.type != "sm_jobs" or job.custom.script.source_dir:
+        return []
+    return [
+        Problem(
+            f"{SCRIPT}.source_dir",
+            "is required for cluster=sm_jobs, which uploads the code: set it to the "
+            f"directory holding {job.custom.script.entry_point}",
+        )
+    ]
+
+
+@rule(f"{SCRIPT}.source_dir", f"{SCRIPT}.entry_point", f"{SCRIPT}.module")
+def _code_is_here(job: Job) -> list[Problem]:
+    """Where this machine reads the code (local, slurm, sm_jobs' upload), it exists."""
+    if job.custom is None or job.cluster.type == "k8s":
+        return []
+    script = job.custom.script
+    if job.cluster.type == "sm_jobs" and script.source_dir is None:
+        return []  # _code_to_upload
+    return _check_source(script, job.cluster.type, job.resolved.launch_dir)
+
+
+@rule(f"{SCRIPT}.requirements", f"{SCRIPT}.launcher", "container")
+def _installed_here(job: Job) -> list[Problem]:
+    """Local and bare-metal Slurm jobs run in this Python: it has what the script needs."""
+    if job.custom is None or not job.reads_launch_files:
+        return []
+    return _check_installed(job.custom.script, job.cluster.type == "local")
+
+
+@rule(
+    f"{SCRIPT}.source_dir",
+    f"{SCRIPT}.entry_point",
+    f"{SCRIPT}.module",
+    "container",
+    "cluster.container_mounts",
+    "base_results_dir",
+    "recipes.run.name",
+)
+def _code_is_mounted(job: Job) -> list[Problem]:
+    """A Slurm job's container sees the code directory only through a mount (pyxis)."""
+    if job.custom is None or job.cluster.type != "slurm" or not job.settings.container:
+        return []
+    if _check_source(job.custom.script, job.cluster.type, job.resolved.launch_dir):
+        return []  # _code_is_here reports it
     directory = workdir(job) or ""
     mounts = [m.split(":")[1] for m in getattr(job.cluster, "container_mounts", []) if ":" in m]
     mounts += [str(job.run_dir)]
     if any(directory == m or directory.startswith(m.rstrip("/") + "/") for m in mounts):
         return []
     return [
-        f"recipes.script.source_dir: {directory} is not under any container mount, so the "
-        f"job's container may not see it: add cluster.container_mounts=['{directory}:"
-        f"{directory}'] (or mount a parent directory)"
+        warning(
+            f"{SCRIPT}.source_dir",
+            f"{directory} is not under any container mount, so the job's container may not "
+            f"see it: add cluster.container_mounts=['{directory}:{directory}'] (or mount a "
+            "parent directory)",
+        )
     ]
 
 
-def _check_source(script: ScriptConfig, cluster_type: str) -> list[Problem]:
-    """The code directory and the entry point exist here; ``source_dir`` becomes absolute."""
-    source = Path(script.source_dir or ".").expanduser().resolve()
-    if not source.is_dir():
+RULES = (_code_is_a_pod_path, _code_to_upload, _code_is_here, _installed_here, _code_is_mounted)
+"""A custom job's checks on its cluster (none for a training recipe)."""
+
+
+def _check_source(script: ScriptConfig, cluster_type: str, launch_dir: str | None) -> list[Problem]:
+    """The code directory (null: the launch directory) and the entry point exist here."""
+    source = paths.absolute(script.source_dir or launch_dir or ".")
+    if source is None or not source.is_dir():
         return [
             Problem(
-                "recipes.script.source_dir",
+                f"{SCRIPT}.source_dir",
                 f"{script.source_dir!r} is not a directory on this machine; pass "
-                "recipes.script.source_dir=<the directory holding the code>",
+                f"{SCRIPT}.source_dir=<the directory holding the code>",
             )
         ]
-    if script.source_dir is not None:
-        script.source_dir = str(source)
     if script.module:
         return _check_module(script, source)
     entry = source / script.entry_point
@@ -380,9 +447,9 @@ def _check_source(script: ScriptConfig, cluster_type: str) -> list[Problem]:
     where = CHECKED_HERE.get(cluster_type, "the source directory to upload")
     return [
         Problem(
-            "recipes.script.entry_point",
+            f"{SCRIPT}.entry_point",
             f"{script.entry_point!r} is not a file in {source} ({where}); fix the path "
-            "(relative to recipes.script.source_dir) or set source_dir",
+            f"(relative to {SCRIPT}.source_dir) or set source_dir",
         )
     ]
 
@@ -397,7 +464,7 @@ def _check_module(script: ScriptConfig, source: Path) -> list[Problem]:
         return []
     return [
         Problem(
-            "recipes.script.entry_point",
+            f"{SCRIPT}.entry_point",
             f"module {script.entry_point!r} is neither in {source} nor installed here",
         )
     ]
@@ -407,11 +474,14 @@ def _check_installed(script: ScriptConfig, local: bool) -> list[Problem]:
     """Requirements and the launcher are installed in the Python the nodes use (this one)."""
     import importlib.metadata  # here, not at the top: ~10 ms of every launch's start-up
 
-    from packaging.requirements import Requirement
+    from packaging.requirements import InvalidRequirement, Requirement
 
     problems = []
     for i, text in enumerate(script.requirements):
-        requirement = Requirement(text)
+        try:
+            requirement = Requirement(text)
+        except InvalidRequirement:
+            continue  # CustomJob._requirements_parse reports it
         try:
             version = importlib.metadata.version(requirement.name)
         except importlib.metadata.PackageNotFoundError:
@@ -420,7 +490,7 @@ def _check_installed(script: ScriptConfig, local: bool) -> list[Problem]:
             found = "not installed" if version is None else f"{version} is installed"
             problems.append(
                 Problem(
-                    f"recipes.script.requirements[{i}]",
+                    f"{SCRIPT}.requirements[{i}]",
                     f"{text!r}: {found} in this Python, which runs the job: "
                     f"pip install {shlex.quote(text)}",
                 )
@@ -429,7 +499,7 @@ def _check_installed(script: ScriptConfig, local: bool) -> list[Problem]:
         package = {"composer": "mosaicml", "deepspeed": "deepspeed"}[script.launcher]
         problems.append(
             Problem(
-                "recipes.script.launcher",
+                f"{SCRIPT}.launcher",
                 f"{script.launcher} is not installed here: pip install {package}",
             )
         )

@@ -12,7 +12,8 @@ import yaml
 from adapter.schema import ConfigError
 from launcher.backends import available, get_backend
 from launcher.backends.base import Artifacts, Backend, LaunchError
-from launcher.job import RECIPE_FILE, Job, plan
+from launcher.job import RECIPE_FILE, Job, create_run_dir, plan
+from launcher.paths import reason
 from launcher.record import (
     RunLock,
     lock_holder,
@@ -30,6 +31,7 @@ def launch(cfg: dict[str, Any]) -> int:
         for warning in job.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         artifacts = backend.render(job)
+        create_run_dir(job)  # before the lock file goes into it: a ConfigError if the OS refuses
         with claim_run_dir(job):
             write_artifacts(job, artifacts)
             write_record(job.run_dir, initial_record(job, artifacts))
@@ -121,15 +123,17 @@ def busy_run_dir(job: Job, what: str, unverified: bool = False) -> LaunchError:
 
 
 def write_artifacts(job: Job, artifacts: Artifacts) -> None:
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    (job.run_dir / "logs").mkdir(exist_ok=True)
+    create_run_dir(job)
     files = {RECIPE_FILE: dump_yaml(artifacts.recipe), **artifacts.files}
     for name, text in files.items():
         path = job.run_dir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        if name in artifacts.executable:
-            path.chmod(0o755)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            if name in artifacts.executable:
+                path.chmod(0o755)
+        except OSError as exc:
+            raise LaunchError(f"can't write {path}: {reason(exc)}") from None
 
 
 SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)

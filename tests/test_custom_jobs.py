@@ -211,7 +211,7 @@ def test_slurm_container_must_mount_the_code(tmp_path: Path) -> None:
     from tests.test_recipes import compose
 
     job, _ = plan(compose(launch_overrides("slurm", tmp_path)))
-    assert any("is not under any container mount" in w for w in job.warnings), job.warnings
+    assert any("is not under any container mount" in str(w) for w in job.warnings), job.warnings
     mounted = f"cluster.container_mounts=['{FIXTURE.parent}:{FIXTURE.parent}']"
     job, _ = plan(compose([*launch_overrides("slurm", tmp_path), mounted]))
     assert job.warnings == []

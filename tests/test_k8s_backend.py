@@ -520,7 +520,7 @@ def test_unknown_cluster_key_suggests_the_right_one(tmp_path: Path) -> None:
 
 def test_results_dir_off_any_volume_warns(tmp_path: Path) -> None:
     job = plan_k8s(tmp_path, f"container={IMAGE}")
-    assert any("cluster.results_dir: /results is not on a volume" in w for w in job.warnings)
+    assert any("cluster.results_dir: /results is not on a volume" in str(w) for w in job.warnings)
     job = plan_k8s(tmp_path, *GPU_2X8, cluster=GPU_2X8_CLUSTER)
     assert job.warnings == []
 

@@ -165,12 +165,13 @@ def instance_overrides(name: str) -> list[str]:
 
 
 def slurm_overrides(name: str, root: Path) -> list[str]:
-    """Paths on the cluster's shared file system, the instance type the recipe is sized for;
-    custom jobs in an image (which has their requirements), code here (a shared file system)."""
+    """Paths on the cluster's shared file system (which this login node sees, so they must
+    exist here), the instance type the recipe is sized for; custom jobs in an image (which
+    has their requirements), code here (a shared file system)."""
     if name in CUSTOM:
         code = f"recipes.script.source_dir={root / 'code'}"
         return [*instance_overrides(name), f"container={CONTAINER}", code]
-    data = data_overrides(name, f"/fsx/data/{name}/train", f"/fsx/data/{name}/val")
+    data = data_overrides(name, str(root / "data/train"), str(root / "data/val"))
     return [*instance_overrides(name), *data]
 
 

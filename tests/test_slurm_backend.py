@@ -405,17 +405,20 @@ def test_two_nodes_train_with_world_size_2(tmp_path: Path, slurm_env: dict[str, 
 
 @pytest.mark.slow
 def test_failing_job_shows_failed_and_exit_code(tmp_path: Path, slurm_env: dict[str, str]) -> None:
-    missing = tmp_path / "no-such-data.jsonl"
+    # A data file the launch accepts (it exists) but the job can't read (row 2 is malformed);
+    # a missing one is refused at launch, since bare-metal nodes share this file system.
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1", "response": "2"}\n{"prompt": "2+2", "response": 4}\n')
     run_dir = launch(
         tmp_path,
         slurm_env,
         "recipes.model.data.synthetic=null",
-        f"++recipes.model.data.train_dir={missing}",
+        f"++recipes.model.data.train_dir={data}",
     )
     final = wait_for(run_dir, slurm_env, {"COMPLETED", "FAILED", "CANCELLED"})
     assert final["state"] == "FAILED", job_log(run_dir)
     assert final["exit_code"] != 0
-    assert str(missing) in job_log(run_dir)
+    assert f"error: {data}:2: field 'response'" in job_log(run_dir)
     shown = cli("status", run_dir, slurm_env).stdout
     assert f"{RUN_NAME}: FAILED" in shown and f"exit_code={final['exit_code']}" in shown
 

@@ -699,7 +699,10 @@ def test_missing_instance_type_and_region(tmp_path: Path, monkeypatch: pytest.Mo
     assert "cluster.region: no AWS region configured" in text and "container=" in text
 
 
-def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+def test_every_problem_is_reported_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     text = problems(
         tmp_path,
         "recipes.trainer.devices=4",
@@ -707,7 +710,9 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "cluster.output_path=null",
         "cluster.role=nope",
     )
-    assert "found 3 error(s)" in text
+    # The missing region (which picks the image) is reported with the others, not after.
+    assert "found 4 error(s)" in text
+    assert "cluster.region: no AWS region configured" in text
 
 
 @needs_sdk

@@ -1,4 +1,14 @@
-"""The contract every backend fulfils: a pure ``render`` and I/O ``submit/status/logs/cancel``.
+"""The contract every backend fulfils, in the order ``plan()`` and ``launch()`` use it:
+
+1. ``resolve(job)``: read what the job needs from this machine's environment (working
+   directory, interpreter, region, role, image...) once, into a typed ``Resolved`` that is
+   stored on the job (``job.resolved``);
+2. ``rules``: checks of the job that return ``Problem``s (errors and warnings) and change
+   nothing; each declares the config keys it reads (``adapter.schema.rule``) and is skipped
+   when one of them failed to parse, so that every other problem is still reported;
+3. ``render(job)``: a pure function of the job (config + ``job.resolved``): no file system,
+   no environment, no network, no SDK;
+4. ``submit/status/logs/cancel``: the I/O.
 
 A backend is registered once under its ``cluster.type`` (see ``launcher.backends``). Its
 cluster config is a dataclass (``cluster_schema``) validated by the same machinery as the
@@ -9,11 +19,17 @@ reported with its full key before anything is written.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from adapter.schema import Problem, apply_rules
+
 if TYPE_CHECKING:
     from launcher.job import Job
+
+LaunchRule = Callable[["Job"], list[Problem]]
+"""A check of a planned job, marked with ``adapter.schema.rule(<full keys it reads>)``."""
 
 
 class LaunchError(Exception):
@@ -39,6 +55,20 @@ class Artifacts:
     executable: tuple[str, ...] = ("train.sh",)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Resolved:
+    """What planning read from the launch machine for one job (``Backend.resolve``).
+
+    Backends subclass it with what their ``render`` needs; these fields are read by the
+    job itself, whatever the backend."""
+
+    launch_dir: str | None = None
+    """The directory ``main.py`` runs in, where local and Slurm jobs start; None elsewhere."""
+    local_gpu: bool = False
+    """This machine has an NVIDIA GPU (``nvidia-smi`` on PATH): the local backend's ranks
+    use it when ``trainer.accelerator`` is auto. False for the other backends."""
+
+
 @dataclass(kw_only=True)
 class ClusterConfig:
     """Fields shared by every cluster config. Subclasses add their backend's settings."""
@@ -55,13 +85,27 @@ class Backend:
     foreground: ClassVar[bool] = False
     """The job runs under the launching process and ends with it (local): it is live exactly
     while the run dir's lock is held (``launcher.record.RunLock``), without asking a cluster."""
+    rules: ClassVar[tuple[LaunchRule, ...]] = ()
+    """The backend's checks of a planned job (run after the shared ones of ``launcher.job``)."""
+    cluster_env: ClassVar[tuple[str, ...]] = ()
+    """Environment maps of the cluster config (``cluster.<name>``) whose variables are
+    rendered into a file like ``env_vars``: checked by the same secret policy."""
 
-    def validate(self, job: Job) -> list[str]:
-        """Backend-specific cross-checks, as ``key: message`` lines. Pure, no I/O beyond stat."""
-        return []
+    def resolve(self, job: Job) -> Resolved:
+        """Read from this machine what ``render`` needs; nothing is checked here."""
+        return Resolved()
+
+    def validate(self, job: Job, failed: Collection[str] = ()) -> list[Problem]:
+        """The problems of ``rules`` that read none of the ``failed`` keys."""
+        return apply_rules(self.rules, job, failed)
+
+    def secret_hint(self, job: Job, name: str) -> str:
+        """For a variable ``name`` that looks like a secret: ``<the rendered file>; <how to
+        pass it on this backend instead>`` (completes "would be written in plain text into")."""
+        raise NotImplementedError
 
     def render(self, job: Job) -> Artifacts:
-        """Pure: build every artifact for ``job`` without touching the file system or network."""
+        """Pure: every artifact for ``job`` from the job alone (its config and ``resolved``)."""
         raise NotImplementedError
 
     def submit(self, job: Job, artifacts: Artifacts) -> dict[str, Any]:

@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 from adapter.config import parse_time_limit
-from adapter.schema import bounded, nested
+from adapter.schema import Problem, bounded, nested, rule, warning
 from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError
 from launcher.instances import instance_spec
 from launcher.job import (
+    GPU_INPUTS,
     RECIPE_FILE,
-    SECRET_NAME,
     TRAIN_SCRIPT,
     Job,
     Rendezvous,
@@ -248,15 +248,37 @@ class K8sCluster(ClusterConfig):
     master_port: int = bounded(23456, ge=1024, le=65535)
     """Master's rendezvous port (the operator passes it to every pod as ``MASTER_PORT``)."""
 
-    def check(self) -> list[tuple[str, str]]:
-        return [
-            *_check_names(self),
-            *_check_metadata(self),
-            *_check_scheduling(self),
-            *_check_volumes(self),
-            *_check_env(self),
-            *_check_quantities(self),
-        ]
+    @rule(
+        "namespace",
+        "service_account",
+        "priority_class",
+        "image_pull_secrets",
+        "in_cluster",
+        "kube_context",
+        "kubeconfig",
+    )
+    def _names_are_valid(self) -> list[Problem]:
+        return _check_names(self)
+
+    @rule("labels", "annotations", "node_selector")
+    def _metadata_is_valid(self) -> list[Problem]:
+        return _check_metadata(self)
+
+    @rule("label_selector", "tolerations")
+    def _scheduling_is_valid(self) -> list[Problem]:
+        return _check_scheduling(self)
+
+    @rule("host_path_volumes", "persistent_volume_claims", "results_dir")
+    def _volumes_are_valid(self) -> list[Problem]:
+        return _check_volumes(self)
+
+    @rule("env", "secret_env")
+    def _env_is_valid(self) -> list[Problem]:
+        return _check_env(self)
+
+    @rule("resources.cpu", "resources.memory", "shm_size")
+    def _quantities_are_valid(self) -> list[Problem]:
+        return _check_quantities(self)
 
 
 # --- validation (pure) ---------------------------------------------------------------
@@ -296,7 +318,7 @@ def label_value_problem(value: str) -> str | None:
     )
 
 
-def _check_names(c: K8sCluster) -> list[tuple[str, str]]:
+def _check_names(c: K8sCluster) -> list[Problem]:
     names: list[tuple[str, str | None, str, re.Pattern[str], int]] = [
         ("namespace", c.namespace, "DNS-1123 label", DNS1123_LABEL, 63),
         ("service_account", c.service_account, "DNS-1123 subdomain", DNS1123_SUBDOMAIN, 253),
@@ -310,10 +332,10 @@ def _check_names(c: K8sCluster) -> list[tuple[str, str]]:
     for key, value, kind, pattern, max_len in names:
         problem = None if value is None else _dns_problem(value, kind, pattern, max_len)
         if problem:
-            problems.append((key, problem))
+            problems.append(Problem(key, problem))
     if c.in_cluster and (c.kube_context or c.kubeconfig):
         problems.append(
-            (
+            Problem(
                 "in_cluster",
                 "Can't use both in_cluster=true and kube_context/kubeconfig. Choose one.",
             )
@@ -321,16 +343,16 @@ def _check_names(c: K8sCluster) -> list[tuple[str, str]]:
     return problems
 
 
-def _check_label_map(key: str, mapping: dict[str, str], values: bool) -> list[tuple[str, str]]:
+def _check_label_map(key: str, mapping: dict[str, str], values: bool) -> list[Problem]:
     problems = []
     for k, v in mapping.items():
         problem = label_key_problem(k) or (label_value_problem(v) if values else None)
         if problem:
-            problems.append((f"{key}.{k}", problem))
+            problems.append(Problem(f"{key}.{k}", problem))
     return problems
 
 
-def _check_metadata(c: K8sCluster) -> list[tuple[str, str]]:
+def _check_metadata(c: K8sCluster) -> list[Problem]:
     return [
         *_check_label_map("labels", c.labels, values=True),
         *_check_label_map("annotations", c.annotations, values=False),
@@ -338,28 +360,29 @@ def _check_metadata(c: K8sCluster) -> list[tuple[str, str]]:
     ]
 
 
-def _check_scheduling(c: K8sCluster) -> list[tuple[str, str]]:
+def _check_scheduling(c: K8sCluster) -> list[Problem]:
     problems = []
     for k, values in c.label_selector.required.items():
         problem = label_key_problem(k) or next(filter(None, map(label_value_problem, values)), None)
         if problem or not values:
-            problems.append((f"label_selector.required.{k}", problem or "needs at least one value"))
+            message = problem or "needs at least one value"
+            problems.append(Problem(f"label_selector.required.{k}", message))
     for i, term in enumerate(c.label_selector.preferred):
         problem = label_key_problem(term.key)
         problem = problem or next(filter(None, map(label_value_problem, term.values)), None)
         if problem or not term.values:
-            problems.append((f"label_selector.preferred[{i}]", problem or "needs values"))
+            problems.append(Problem(f"label_selector.preferred[{i}]", problem or "needs values"))
     for i, t in enumerate(c.tolerations):
+        key = f"tolerations[{i}]"
         if t.operator == "Exists" and t.value is not None:
-            problems.append((f"tolerations[{i}].value", "must be null with operator: Exists"))
+            problems.append(Problem(f"{key}.value", "must be null with operator: Exists"))
         if t.operator == "Equal" and not t.key:
-            problems.append((f"tolerations[{i}].key", "is required with operator: Equal"))
+            problems.append(Problem(f"{key}.key", "is required with operator: Equal"))
         if t.key and label_key_problem(t.key):
-            problems.append((f"tolerations[{i}].key", str(label_key_problem(t.key))))
+            problems.append(Problem(f"{key}.key", str(label_key_problem(t.key))))
         if t.toleration_seconds is not None and t.effect != "NoExecute":
-            problems.append(
-                (f"tolerations[{i}].toleration_seconds", "only applies with effect: NoExecute")
-            )
+            message = "only applies with effect: NoExecute"
+            problems.append(Problem(f"{key}.toleration_seconds", message))
     return problems
 
 
@@ -379,88 +402,97 @@ def _volumes(c: K8sCluster) -> list[tuple[str, HostPathVolume | PvcVolume]]:
     ]
 
 
-def _check_volumes(c: K8sCluster) -> list[tuple[str, str]]:
+def _check_volumes(c: K8sCluster) -> list[Problem]:
     problems = []
     seen_names: set[str] = {"recipe", "shm"}
     seen_paths: set[str] = {RECIPE_MOUNT, SHM_MOUNT}
     for key, v in _volumes(c):
         if not v.mount_path.startswith("/"):
-            problems.append((f"{key}.mount_path", f"got {v.mount_path!r}; must be absolute"))
+            problems.append(Problem(f"{key}.mount_path", f"got {v.mount_path!r}; must be absolute"))
         if isinstance(v, HostPathVolume) and not v.host_path.startswith("/"):
-            problems.append((f"{key}.host_path", f"got {v.host_path!r}; must be absolute"))
+            problems.append(Problem(f"{key}.host_path", f"got {v.host_path!r}; must be absolute"))
         if isinstance(v, PvcVolume):
             problem = _dns_problem(v.claim_name, "PVC name", DNS1123_SUBDOMAIN, 253)
             if problem:
-                problems.append((f"{key}.claim_name", problem))
+                problems.append(Problem(f"{key}.claim_name", problem))
         name = volume_name(v.name, v.mount_path)
         problem = _dns_problem(name, "DNS-1123 label", DNS1123_LABEL, 63)
         if problem:
-            problems.append((f"{key}.name", problem))
+            problems.append(Problem(f"{key}.name", problem))
         if name in seen_names:
-            problems.append((f"{key}.name", f"volume name {name!r} is used twice; set another"))
+            message = f"volume name {name!r} is used twice; set another"
+            problems.append(Problem(f"{key}.name", message))
         if v.mount_path.rstrip("/") in seen_paths:
-            problems.append((f"{key}.mount_path", f"{v.mount_path!r} is already mounted"))
+            problems.append(Problem(f"{key}.mount_path", f"{v.mount_path!r} is already mounted"))
         seen_names.add(name)
         seen_paths.add(v.mount_path.rstrip("/"))
     if not c.results_dir.startswith("/"):
-        problems.append(("results_dir", f"got {c.results_dir!r}; must be an absolute path"))
+        message = f"got {c.results_dir!r}; must be an absolute path"
+        problems.append(Problem("results_dir", message))
     return problems
 
 
-def _check_env(c: K8sCluster) -> list[tuple[str, str]]:
-    problems = []
-    for name in c.env:
-        if not ENV_NAME.fullmatch(name):
-            problems.append((f"env.{name}", "not a valid variable name (letters, digits, -._)"))
-        elif SECRET_NAME.search(name):
-            problems.append(
-                (
-                    f"env.{name}",
-                    "looks like a secret and would be written in plain text into "
-                    f"{JOB_FILE}; store it in a Secret and list it under cluster.secret_env",
-                )
-            )
+def _check_env(c: K8sCluster) -> list[Problem]:
+    """Variable names, and the Secret references; secret-looking plain values are refused by
+    the launch's secret policy (``K8sBackend.secret_hint``)."""
+    problems = [
+        Problem(f"env.{name}", "not a valid variable name (letters, digits, -._)")
+        for name in c.env
+        if not ENV_NAME.fullmatch(name)
+    ]
     for i, s in enumerate(c.secret_env):
+        key = f"secret_env[{i}]"
         if not ENV_NAME.fullmatch(s.name):
-            problems.append((f"secret_env[{i}].name", f"got {s.name!r}; not a variable name"))
+            problems.append(Problem(f"{key}.name", f"got {s.name!r}; not a variable name"))
         problem = _dns_problem(s.secret, "Secret name", DNS1123_SUBDOMAIN, 253)
         if problem:
-            problems.append((f"secret_env[{i}].secret", problem))
+            problems.append(Problem(f"{key}.secret", problem))
         if not CONFIG_KEY.fullmatch(s.key):
-            problems.append((f"secret_env[{i}].key", f"got {s.key!r}; use letters, digits, -._"))
+            problems.append(Problem(f"{key}.key", f"got {s.key!r}; use letters, digits, -._"))
     return problems
 
 
-def _check_quantities(c: K8sCluster) -> list[tuple[str, str]]:
+def _check_quantities(c: K8sCluster) -> list[Problem]:
     quantities = {"resources.cpu": c.resources.cpu, "resources.memory": c.resources.memory}
     quantities["shm_size"] = c.shm_size
     return [
-        (key, f"got {value!r}; expected a Kubernetes quantity such as 8, 500m, 64Gi or 1.5")
+        Problem(key, f"got {value!r}; expected a Kubernetes quantity such as 8, 500m, 64Gi or 1.5")
         for key, value in quantities.items()
         if value is not None and not QUANTITY.fullmatch(str(value))
     ]
 
 
-def _check_job(job: Job, cluster: K8sCluster) -> list[str]:
-    """Checks that need the recipe or general settings as well as the cluster config."""
-    problems = []
-    if not job.settings.container:
-        problems.append(
-            "container: is required for cluster=k8s (the image every pod runs); pass "
-            "container=<registry>/<image>:<tag>, e.g. one built from docker/Dockerfile"
+@rule("container")
+def _has_an_image(job: Job) -> list[Problem]:
+    if job.settings.container:
+        return []
+    return [
+        Problem(
+            "container",
+            "is required for cluster=k8s (the image every pod runs); pass "
+            "container=<registry>/<image>:<tag>, e.g. one built from docker/Dockerfile",
         )
-    name_problem = _job_name_problem(job)
-    if name_problem:
-        problems.append(f"recipes.run.name: {name_problem}")
-    for name in job.settings.env_vars:
-        if not ENV_NAME.fullmatch(name):
-            problems.append(f"env_vars.{name}: not a valid variable name (letters, digits, -._)")
-        elif SECRET_NAME.search(name):
-            problems.append(
-                f"env_vars.{name}: looks like a secret and would be written in plain text into "
-                f"{JOB_FILE}; store it in a Secret and list it under cluster.secret_env"
-            )
-    return problems + check_gpu_request(job, cluster.resources.gpus, "cluster.resources.gpus")
+    ]
+
+
+@rule("recipes.run.name", "recipes.trainer.num_nodes")
+def _job_name_fits(job: Job) -> list[Problem]:
+    problem = _job_name_problem(job)
+    return [Problem("recipes.run.name", problem)] if problem else []
+
+
+@rule("env_vars")
+def _env_var_names_are_valid(job: Job) -> list[Problem]:
+    return [
+        Problem(f"env_vars.{name}", "not a valid variable name (letters, digits, -._)")
+        for name in job.settings.env_vars
+        if not ENV_NAME.fullmatch(name)
+    ]
+
+
+@rule(*GPU_INPUTS, "recipes.trainer.devices", "cluster.resources.gpus")
+def _gpus_fit_ranks(job: Job) -> list[Problem]:
+    return check_gpu_request(job, _cluster(job).resources.gpus, "cluster.resources.gpus")
 
 
 def _job_name_problem(job: Job) -> str | None:
@@ -477,8 +509,16 @@ def _job_name_problem(job: Job) -> str | None:
     )
 
 
-def _mount_warnings(job: Job, cluster: K8sCluster) -> list[str]:
+@rule(
+    "cluster.host_path_volumes",
+    "cluster.persistent_volume_claims",
+    "cluster.results_dir",
+    "recipes.model.data.train_dir",
+    "recipes.model.data.val_dir",
+)
+def _paths_are_mounted(job: Job) -> list[Problem]:
     """Paths the pods use that no volume provides (results lost, data not found)."""
+    cluster = _cluster(job)
     mounts = [v.mount_path.rstrip("/") for _, v in _volumes(cluster)]
 
     def mounted(path: str) -> bool:
@@ -487,16 +527,21 @@ def _mount_warnings(job: Job, cluster: K8sCluster) -> list[str]:
     warnings = []
     if not mounted(cluster.results_dir.rstrip("/")):
         warnings.append(
-            f"cluster.results_dir: {cluster.results_dir} is not on a volume, so checkpoints and "
-            "the exported model are lost when the pods end; mount a PVC there "
-            "(cluster.persistent_volume_claims) or set results_dir under a mounted path"
+            warning(
+                "cluster.results_dir",
+                f"{cluster.results_dir} is not on a volume, so checkpoints and the exported "
+                "model are lost when the pods end; mount a PVC there "
+                "(cluster.persistent_volume_claims) or set results_dir under a mounted path",
+            )
         )
     data = job.recipe.model.data
     for key, value in (("train_dir", data.train_dir), ("val_dir", data.val_dir)):
         if value and value.startswith("/") and not mounted(value):
             warnings.append(
-                f"recipes.model.data.{key}: {value} is not on any volume of the pods; it must "
-                "then be inside the image"
+                warning(
+                    f"recipes.model.data.{key}",
+                    f"{value} is not on any volume of the pods; it must then be inside the image",
+                )
             )
     return warnings
 
@@ -801,13 +846,17 @@ def _dump_recipe(recipe: dict[str, Any]) -> str:
 class K8sBackend(Backend):
     type = "k8s"
     cluster_schema = K8sCluster
+    rules = (
+        _has_an_image,
+        _job_name_fits,
+        _env_var_names_are_valid,
+        _gpus_fit_ranks,
+        _paths_are_mounted,
+    )
+    cluster_env = ("env",)
 
-    def validate(self, job: Job) -> list[str]:
-        cluster = _cluster(job)
-        problems = _check_job(job, cluster)
-        if not problems:
-            job.warnings.extend(_mount_warnings(job, cluster))
-        return problems
+    def secret_hint(self, job: Job, name: str) -> str:
+        return f"{JOB_FILE}; store it in a Secret and list it under cluster.secret_env"
 
     def render(self, job: Job) -> Artifacts:
         cluster = _cluster(job)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from adapter.lifetime import die_with_parent_hook
-from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError
+from adapter.schema import Problem, rule
+from launcher import paths
+from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError, Resolved
 from launcher.job import RECIPE_FILE, TRAIN_SCRIPT, Job, Rendezvous, shell_exports
 
 LOG_FILE = "logs/train.log"
@@ -57,35 +60,58 @@ class LocalCluster(ClusterConfig):
     """torchrun executable; null = the one beside the running Python, else ``torchrun``."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class LocalResolved(Resolved):
+    """What a local job runs, as found on this machine."""
+
+    python: str
+    """The running interpreter: one rank runs the adapter in it."""
+    torchrun: str
+    """``cluster.torchrun``, else the torchrun beside ``python``, else ``torchrun``."""
+
+
+@rule("recipes.trainer.num_nodes")
+def _one_node(job: Job) -> list[Problem]:
+    if job.num_nodes == 1:
+        return []
+    return [
+        Problem(
+            "recipes.trainer.num_nodes",
+            f"got {job.num_nodes}; the local cluster has one node: use cluster=slurm|k8s|sm_jobs "
+            "for multi-node jobs",
+        )
+    ]
+
+
 class LocalBackend(Backend):
     type = "local"
     cluster_schema = LocalCluster
     foreground = True
+    rules = (_one_node,)
 
-    def validate(self, job: Job) -> list[str]:
-        problems = []
-        if job.num_nodes != 1:
-            problems.append(
-                f"recipes.trainer.num_nodes: got {job.num_nodes}; the local cluster has one "
-                "node: use cluster=slurm|k8s|sm_jobs for multi-node jobs"
-            )
-        data = job.recipe.model.data
-        for key, value in (("train_dir", data.train_dir), ("val_dir", data.val_dir)):
-            if value is not None and not Path(value).expanduser().exists():
-                problems.append(
-                    f"recipes.model.data.{key}: {value!r} does not exist; pass "
-                    f"recipes.model.data.{key}=<an existing file or directory>"
-                )
-        return problems
+    def resolve(self, job: Job) -> LocalResolved:
+        return LocalResolved(
+            launch_dir=paths.launch_dir(),
+            local_gpu=shutil.which("nvidia-smi") is not None,
+            python=sys.executable,
+            torchrun=_torchrun(job.cluster),
+        )
+
+    def secret_hint(self, job: Job, name: str) -> str:
+        return (
+            f"{TRAIN_SCRIPT}; remove it and export {name} in the shell that runs main.py "
+            "(the job inherits that environment)"
+        )
 
     def render(self, job: Job) -> Artifacts:
+        resolved = _resolved(job)
         recipe_path = str(job.run_dir / RECIPE_FILE)
         if job.devices == 1 and job.custom is None:
-            command = [sys.executable, "-m", "adapter.train", recipe_path]
+            command = [resolved.python, "-m", "adapter.train", recipe_path]
         else:
             args = ["--standalone", f"--nproc_per_node={job.devices}"]
             rdzv = Rendezvous(tuple(args))
-            command = job.node_command(rdzv, recipe_path, _torchrun(job.cluster))
+            command = job.node_command(rdzv, recipe_path, resolved.torchrun)
         script = TRAIN_SH.format(
             name=job.name,
             script=job.run_dir / TRAIN_SCRIPT,
@@ -270,11 +296,17 @@ def _launcher_alive(record: dict[str, Any]) -> bool:
     return lock_holder(Path(record["run_dir"])) == record["launcher_pid"]
 
 
-def _torchrun(cluster: LocalCluster) -> str:
+def _torchrun(cluster: ClusterConfig) -> str:
+    assert isinstance(cluster, LocalCluster), f"not a local cluster: {cluster!r}"
     if cluster.torchrun:
         return cluster.torchrun
     beside_python = Path(sys.executable).parent / "torchrun"
     return str(beside_python) if beside_python.exists() else "torchrun"
+
+
+def _resolved(job: Job) -> LocalResolved:
+    assert isinstance(job.resolved, LocalResolved), "plan() resolves the job before render"
+    return job.resolved
 
 
 def _stream(process: subprocess.Popen, log: Any, stop: StopSignals) -> int:

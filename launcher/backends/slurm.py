@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adapter.config import parse_time_limit
-from adapter.schema import bounded
-from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError
+from adapter.schema import Problem, bounded, rule
+from launcher import paths
+from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError, Resolved
 from launcher.job import (
+    GPU_INPUTS,
     RECIPE_FILE,
-    SECRET_NAME,
     TRAIN_SCRIPT,
     Job,
     Rendezvous,
@@ -170,38 +171,76 @@ class SlurmCluster(ClusterConfig):
     submission_file_only: bool = False
     """Write the sbatch file (and print how to submit it) without submitting it."""
 
-    def check(self) -> list[tuple[str, str]]:
-        problems = []
-        if self.time_limit is not None and not _positive_time(self.time_limit):
-            problems.append(
-                ("time_limit", f"got {self.time_limit!r}; expected [D-]HH:MM:SS, e.g. 1-12:00:00")
-            )
-        if self.mem is not None and not MEMORY.fullmatch(str(self.mem)):
-            problems.append(("mem", f"got {self.mem!r}; expected megabytes or e.g. 200G, 0 = all"))
-        for key in ("sbatch_args", "srun_args"):
-            for i, arg in enumerate(getattr(self, key)):
-                if not arg.startswith("-") or "\n" in arg:
-                    problems.append(
-                        (f"{key}[{i}]", f"got {arg!r}; expected one option such as --exclusive")
-                    )
-        if not re.fullmatch(r"[A-Za-z0-9_.-]*", self.job_name_prefix):
-            problems.append(
-                ("job_name_prefix", f"got {self.job_name_prefix!r}; use letters, digits, -_.")
-            )
-        return problems
+    @rule("time_limit")
+    def _time_limit_is_positive(self) -> list[Problem]:
+        if self.time_limit is None or _positive_time(self.time_limit):
+            return []
+        message = f"got {self.time_limit!r}; expected [D-]HH:MM:SS, e.g. 1-12:00:00"
+        return [Problem("time_limit", message)]
+
+    @rule("mem")
+    def _mem_is_a_size(self) -> list[Problem]:
+        if self.mem is None or MEMORY.fullmatch(str(self.mem)):
+            return []
+        return [Problem("mem", f"got {self.mem!r}; expected megabytes or e.g. 200G, 0 = all")]
+
+    @rule("sbatch_args", "srun_args")
+    def _args_are_options(self) -> list[Problem]:
+        return [
+            Problem(f"{key}[{i}]", f"got {arg!r}; expected one option such as --exclusive")
+            for key in ("sbatch_args", "srun_args")
+            for i, arg in enumerate(getattr(self, key))
+            if not arg.startswith("-") or "\n" in arg
+        ]
+
+    @rule("job_name_prefix")
+    def _prefix_is_a_name(self) -> list[Problem]:
+        if re.fullmatch(r"[A-Za-z0-9_.-]*", self.job_name_prefix):
+            return []
+        message = f"got {self.job_name_prefix!r}; use letters, digits, -_."
+        return [Problem("job_name_prefix", message)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlurmResolved(Resolved):
+    """What the batch script names from this machine (the login node)."""
+
+    torchrun: str
+    """torchrun on the nodes: ``cluster.torchrun``; with a container, the image's; on bare
+    metal, the one beside this Python (a shared file system), else ``torchrun``."""
+
+
+@rule(*GPU_INPUTS, "recipes.trainer.devices", "cluster.gpus_per_node")
+def _gpus_fit_ranks(job: Job) -> list[Problem]:
+    return check_gpu_request(job, _cluster(job).gpus_per_node, "cluster.gpus_per_node")
+
+
+@rule("cluster.container_mounts", "container")
+def _mounts_need_a_container(job: Job) -> list[Problem]:
+    if not _cluster(job).container_mounts or job.settings.container:
+        return []
+    return [
+        Problem(
+            "cluster.container_mounts",
+            "set, but container is null (bare metal); pass container=<image or .sqsh> or "
+            "remove the mounts",
+        )
+    ]
 
 
 class SlurmBackend(Backend):
     type = "slurm"
     cluster_schema = SlurmCluster
+    rules = (_gpus_fit_ranks, _mounts_need_a_container)
 
-    def validate(self, job: Job) -> list[str]:
-        cluster = _cluster(job)
-        return [
-            *check_gpu_request(job, cluster.gpus_per_node, "cluster.gpus_per_node"),
-            *_check_container(job, cluster),
-            *_check_secrets(job),
-        ]
+    def resolve(self, job: Job) -> SlurmResolved:
+        return SlurmResolved(launch_dir=paths.launch_dir(), torchrun=_torchrun(job))
+
+    def secret_hint(self, job: Job, name: str) -> str:
+        return (
+            f"{sbatch_name(job)}; remove it and export {name} in the shell that runs main.py "
+            "(the job inherits that environment)"
+        )
 
     def render(self, job: Job) -> Artifacts:
         cluster = _cluster(job)
@@ -317,7 +356,7 @@ def sbatch_directives(job: Job, cluster: SlurmCluster) -> list[str]:
         f"--output={log}",
         f"--error={log}",
         "--open-mode=append",
-        f"--chdir={shlex.quote(str(Path.cwd()))}",
+        f"--chdir={shlex.quote(_resolved(job).launch_dir or str(job.run_dir))}",
         "--export=ALL",
         *[f"{flag}={shlex.quote(str(v))}" for flag, v in optional.items() if v is not None],
         *(["--exclusive"] if cluster.exclusive else []),
@@ -357,7 +396,7 @@ def node_command(job: Job, cluster: SlurmCluster) -> list[str]:
         master_addr="${RDZV_ENDPOINT%:*}",
         master_port="${RDZV_ENDPOINT##*:}",
     )
-    return job.node_command(rdzv, recipe, _torchrun(job, cluster))
+    return job.node_command(rdzv, recipe, _resolved(job).torchrun)
 
 
 def gpus_per_node(job: Job, cluster: SlurmCluster) -> int:
@@ -367,7 +406,8 @@ def gpus_per_node(job: Job, cluster: SlurmCluster) -> int:
     return job.devices if job.uses_gpu else 0
 
 
-def _torchrun(job: Job, cluster: SlurmCluster) -> str:
+def _torchrun(job: Job) -> str:
+    cluster = _cluster(job)
     if cluster.torchrun:
         return cluster.torchrun
     beside_python = Path(sys.executable).parent / "torchrun"
@@ -381,31 +421,17 @@ def _cluster(job: Job) -> SlurmCluster:
     return job.cluster
 
 
+def _resolved(job: Job) -> SlurmResolved:
+    assert isinstance(job.resolved, SlurmResolved), "plan() resolves the job before render"
+    return job.resolved
+
+
 # --- validation (pure) ------------------------------------------------------------------
 
 
 def _positive_time(text: str) -> bool:
     seconds = parse_time_limit(text)
     return seconds is not None and seconds > 0
-
-
-def _check_container(job: Job, cluster: SlurmCluster) -> list[str]:
-    if cluster.container_mounts and not job.settings.container:
-        return [
-            "cluster.container_mounts: set, but container is null (bare metal); "
-            "pass container=<image or .sqsh> or remove the mounts"
-        ]
-    return []
-
-
-def _check_secrets(job: Job) -> list[str]:
-    return [
-        f"env_vars.{name}: looks like a secret and would be written in plain text into "
-        f"{sbatch_name(job)}; remove it and export {name} in the shell that runs main.py "
-        "(the job inherits that environment)"
-        for name in job.settings.env_vars
-        if SECRET_NAME.search(name)
-    ]
 
 
 # --- talking to Slurm -------------------------------------------------------------------

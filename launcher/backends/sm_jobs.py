@@ -1,7 +1,10 @@
 """SageMaker backend: one training job per launch, created through the ``sagemaker`` SDK (v3).
 
-``render`` is pure: it resolves every input of the job once (:class:`JobSpec`) and writes the
-CreateTrainingJob request that :func:`submit` will make, ``train.sh`` (the per-instance
+``resolve`` reads what the job takes from this machine once, while planning: the region,
+the execution role, the training image (the SDK's PyTorch image when ``container`` is null)
+and the local data to upload. ``render`` is then pure: it builds every input of the job
+(:class:`JobSpec`) from the config and that, and writes the CreateTrainingJob request that
+:func:`submit` will make, ``train.sh`` (the per-instance
 torchrun command), ``requirements.txt`` (what the image lacks) and the recipe the job runs,
 with its paths moved into the container's SageMaker layout:
 
@@ -17,8 +20,8 @@ with its paths moved into the container's SageMaker layout:
 ``requirements.txt`` as the job's source directory (no git clone at job start) and calls
 ``ModelTrainer.train(wait=False)``; the SDK uploads it and creates the job. The request the
 SDK actually sent replaces the rendered one in the run dir. The SDK is imported only by this
-module, lazily: to submit, and to resolve the PyTorch image when ``container`` is null (≈ 4 s);
-``status``/``logs``/``cancel`` need boto3 only.
+module, lazily: to submit, and to resolve the PyTorch image when ``container`` is null (≈ 4 s,
+while planning); ``status``/``logs``/``cancel`` need boto3 only.
 
 Every S3 object of a run lives under ``<output_path>/<base job name>/``: the staged inputs
 (``<job>/input/<channel>``), the model (``<job>/output/model.tar.gz``), ``checkpoints/`` and
@@ -43,12 +46,12 @@ from typing import Any, Literal
 
 from adapter.config import parse_time_limit
 from adapter.metrics import EVAL_CE, EVAL_PPL, TOKENS_PER_SECOND, TRAIN_CE, TRAIN_PPL
-from adapter.schema import bounded, suggest
-from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError
+from adapter.schema import Problem, bounded, rule, suggest, warning
+from launcher import paths
+from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError, Resolved
 from launcher.instances import instance_spec, known_instance_types
 from launcher.job import (
     RECIPE_FILE,
-    SECRET_NAME,
     TRAIN_SCRIPT,
     Job,
     Rendezvous,
@@ -202,6 +205,8 @@ class ChannelSpec:
     source: str | None = None
     """``s3://`` URI or an absolute local path (uploaded at submission)."""
     file_system: FileSystemInput | None = None
+    directory: bool = False
+    """A local source is a directory (uploaded as a prefix), not one file."""
 
     @property
     def local(self) -> bool:
@@ -238,26 +243,396 @@ class JobSpec:
     """A custom job's code directory, staged instead of the adapter package."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class SmJobsResolved(Resolved):
+    """What the training job takes from this machine, read once while planning."""
+
+    region: str | None
+    """``cluster.region``, ``$AWS_REGION``, else boto3's (``AWS_DEFAULT_REGION``, config)."""
+    role: str | None
+    """``cluster.role``, else ``$SAGEMAKER_ROLE`` / ``$AWS_ROLE_ARN``."""
+    image: str
+    """``container``, else the SDK's PyTorch training image ("" if it wasn't found)."""
+    image_problem: Problem | None
+    """Why the SDK found no image, when it was asked (reported by ``_image_is_known``)."""
+    channels: tuple[ChannelSpec, ...]
+    """Input channels, local sources absolute."""
+
+
+# --- validation ---------------------------------------------------------------------------
+
+INSTANCE_INPUTS = ("instance_type", "recipes.trainer.devices", "recipes.trainer.accelerator")
+
+
+def _known_types() -> list[str]:
+    return [f"ml.{name}" for name in known_instance_types()]
+
+
+@rule(*INSTANCE_INPUTS)
+def _check_instance(job: Job) -> list[Problem]:
+    instance_type = job.settings.instance_type
+    if not instance_type:
+        return [
+            Problem(
+                "instance_type",
+                "is required for cluster=sm_jobs; pass e.g. instance_type=ml.g5.48xlarge "
+                "(8 x A10G) or ml.p4d.24xlarge (8 x A100)",
+            )
+        ]
+    spec = instance_spec(instance_type)
+    if not instance_type.startswith("ml.") or spec is None:
+        hint = suggest(instance_type, _known_types()) or suggest(
+            f"ml.{instance_type}", _known_types()
+        )
+        families = sorted({t.split(".")[1] for t in _known_types()})
+        return [
+            Problem(
+                "instance_type",
+                f"got {instance_type!r}{hint}; not a known SageMaker training instance type "
+                f"(ml.<family>.<size>, families: {', '.join(families)})",
+            )
+        ]
+    return _check_devices(job, instance_type, spec.gpus, spec.accelerator)
+
+
+def _check_devices(job: Job, instance_type: str, gpus: int, accelerator: str) -> list[Problem]:
+    if accelerator == "neuron":
+        return [
+            Problem(
+                "instance_type",
+                f"{instance_type} has AWS Trainium (Neuron) devices; the adapter runs on CUDA "
+                "GPUs or CPU: use a g5, g6, p4d, p4de, p5 or p5e instance",
+            )
+        ]
+    if gpus and job.devices != gpus:
+        return [
+            Problem(
+                "recipes.trainer.devices",
+                f"got {job.devices}; {instance_type} has {gpus} GPUs per instance: set "
+                f"recipes.trainer.devices={gpus} (or pick an instance type with "
+                f"{job.devices} GPU(s))",
+            )
+        ]
+    if not gpus and job.recipe.trainer.accelerator == "gpu":
+        return [
+            Problem(
+                "recipes.trainer.accelerator",
+                f"got 'gpu' but {instance_type} has no GPU; use a GPU instance type (e.g. "
+                "ml.g5.48xlarge) or recipes.trainer.accelerator=auto",
+            )
+        ]
+    return []
+
+
+@rule("cluster.role")
+def _check_role(job: Job) -> list[Problem]:
+    cluster, role = _cluster(job), _resolved(job).role
+    if role is None:
+        return [
+            Problem(
+                "cluster.role",
+                "is required: pass cluster.role=arn:aws:iam::<account>:role/<name> "
+                f"(a SageMaker execution role) or export {' or '.join(ROLE_ENV)}",
+            )
+        ]
+    if not ROLE_ARN.fullmatch(role):
+        source = "cluster.role" if cluster.role else "the role from the environment"
+        return [
+            Problem(
+                "cluster.role",
+                f"got {role!r} ({source}); expected an IAM role ARN such as "
+                "arn:aws:iam::123456789012:role/SageMakerExecutionRole",
+            )
+        ]
+    return []
+
+
+def _s3_problem(key: str, value: str) -> Problem | None:
+    if S3_URI.fullmatch(value):
+        return None
+    return Problem(
+        key,
+        f"got {value!r}; expected an S3 URI s3://<bucket>[/<prefix>] whose bucket name "
+        "has 3-63 lowercase letters, digits, '.' or '-', e.g. s3://my-bucket/llm-runs",
+    )
+
+
+@rule("cluster.output_path", "cluster.checkpoint_s3_uri", "cluster.tensorboard_output_path")
+def _check_s3(job: Job) -> list[Problem]:
+    cluster = _cluster(job)
+    if cluster.output_path is None:
+        return [
+            Problem(
+                "cluster.output_path",
+                "is required: the S3 prefix for the run's model, checkpoints and staged code, "
+                "e.g. cluster.output_path=s3://my-bucket/llm-runs",
+            )
+        ]
+    values = {
+        "cluster.output_path": cluster.output_path,
+        "cluster.checkpoint_s3_uri": cluster.checkpoint_s3_uri,
+        "cluster.tensorboard_output_path": cluster.tensorboard_output_path,
+    }
+    problems = [_s3_problem(k, v) for k, v in values.items() if v is not None]
+    return [p for p in problems if p]
+
+
+@rule(
+    "recipes.run.time_limit",
+    "recipes.exp_manager.create_tensorboard_logger",
+    "cluster.max_run",
+    "cluster.max_wait",
+    "cluster.use_spot",
+    "cluster.keep_alive_period_in_seconds",
+    "cluster.tensorboard_output_path",
+)
+def _check_runtime(job: Job) -> list[Problem]:
+    cluster = _cluster(job)
+    seconds = max_run(job)
+    problems = []
+    if cluster.max_run is None and not 0 < seconds <= MAX_RUN_LIMIT:
+        problems.append(
+            Problem(
+                "recipes.run.time_limit",
+                f"{job.recipe.run.time_limit!r} is {seconds} s; SageMaker allows at most "
+                f"{MAX_RUN_LIMIT} s (28 days): lower it or set cluster.max_run",
+            )
+        )
+    if cluster.max_wait is not None and not cluster.use_spot:
+        message = "only applies with cluster.use_spot=true; remove it"
+        problems.append(Problem("cluster.max_wait", message))
+    if cluster.use_spot and cluster.max_wait is not None and cluster.max_wait < seconds:
+        problems.append(
+            Problem(
+                "cluster.max_wait",
+                f"got {cluster.max_wait}; must be ≥ the maximum runtime ({seconds} s): raise it "
+                "or lower cluster.max_run",
+            )
+        )
+    if cluster.use_spot and cluster.keep_alive_period_in_seconds:
+        problems.append(
+            Problem(
+                "cluster.keep_alive_period_in_seconds",
+                "warm pools can't be used with spot training. Choose one: set it to 0 or "
+                "cluster.use_spot=false",
+            )
+        )
+    if job.recipe.exp_manager.create_tensorboard_logger is False and (
+        cluster.tensorboard_output_path is not None
+    ):
+        problems.append(
+            Problem(
+                "cluster.tensorboard_output_path",
+                "set, but the adapter writes no TensorBoard events: pass "
+                "recipes.exp_manager.create_tensorboard_logger=true or remove it",
+            )
+        )
+    return problems
+
+
+@rule("cluster.inputs", "cluster.subnets", "cluster.security_group_ids")
+def _check_inputs(job: Job) -> list[Problem]:
+    cluster = _cluster(job)
+    problems = []
+    for name, value in cluster.inputs.items():
+        key = f"cluster.inputs.{name}"
+        if not CHANNEL_NAME.fullmatch(name):
+            message = "channel names use letters, digits, '.', '-', '_' (≤ 64)"
+            problems.append(Problem(key, message))
+        elif name in SDK_CHANNELS:
+            problems.append(Problem(key, f"{name!r} is the SDK's own channel; use another name"))
+        if isinstance(value, str):
+            problems.extend(p for p in [_s3_problem(key, value)] if p)
+        elif not cluster.subnets:
+            problems.append(
+                Problem(
+                    key,
+                    f"a {value.file_system_type} input needs the job in its VPC: set "
+                    "cluster.subnets and cluster.security_group_ids",
+                )
+            )
+    if bool(cluster.subnets) != bool(cluster.security_group_ids):
+        message = "subnets and security_group_ids go together: set both or neither"
+        problems.append(Problem("cluster.subnets", message))
+    return problems
+
+
+@rule("recipes.model.data.train_dir", "recipes.model.data.val_dir", "cluster.inputs")
+def _check_data(job: Job) -> list[Problem]:
+    """Each data path: ``s3://``, an existing local path, or a channel path of ``inputs``."""
+    cluster = _cluster(job)
+    data = job.recipe.model.data
+    problems = []
+    for key, channel in DATA_CHANNELS.items():
+        value = getattr(data, key)
+        full_key = f"recipes.model.data.{key}"
+        if value is None:
+            continue
+        if value.startswith(f"{CHANNEL_ROOT}/"):
+            name = value[len(CHANNEL_ROOT) + 1 :].split("/")[0]
+            if name not in cluster.inputs:
+                problems.append(
+                    Problem(
+                        full_key,
+                        f"{value!r} reads channel {name!r}, which cluster.inputs does not "
+                        f"define: add cluster.inputs.{name}=s3://... (or a file system)",
+                    )
+                )
+        elif value.startswith("s3://"):
+            problems.extend(p for p in [_s3_problem(full_key, value)] if p)
+        elif paths.unusable(value):
+            problems.append(
+                Problem(
+                    full_key,
+                    f"{value!r} is neither an s3:// URI nor an existing local path; pass "
+                    f"{full_key}=s3://bucket/prefix or a local file or directory (uploaded at "
+                    "submission)",
+                )
+            )
+        if channel in cluster.inputs and not value.startswith(f"{CHANNEL_ROOT}/{channel}"):
+            problems.append(
+                Problem(
+                    f"cluster.inputs.{channel}",
+                    f"clashes with the {channel!r} channel made from {full_key}; rename the "
+                    f"input or set {full_key}={CHANNEL_ROOT}/{channel}",
+                )
+            )
+    return problems
+
+
+LOCAL_PATH_KEYS = (
+    "recipes.model.hf_model_name_or_path",
+    "recipes.model.tokenizer_name_or_path",
+    "recipes.exp_manager.resume_from_checkpoint",
+)
+
+
+@rule(*LOCAL_PATH_KEYS)
+def _check_paths(job: Job) -> list[Problem]:
+    """Paths on this machine that the training container can't see."""
+    model = job.recipe.model
+    values = (
+        model.hf_model_name_or_path,
+        model.tokenizer_name_or_path,
+        job.recipe.exp_manager.resume_from_checkpoint,
+    )
+    return [
+        Problem(
+            key,
+            f"{value!r} is a path on this machine, which the training job can't see: upload "
+            f"it to S3, add it as cluster.inputs.<name>=s3://... and set "
+            f"{key}={CHANNEL_ROOT}/<name>",
+        )
+        for key, value in zip(LOCAL_PATH_KEYS, values, strict=True)
+        if value is not None
+        and not value.startswith("/opt/ml/")
+        and (value.startswith(("/", ".", "~")) or not paths.unusable(value))
+    ]
+
+
+@rule("cluster.job_name_prefix", "recipes.run.name")
+def _check_names(job: Job) -> list[Problem]:
+    name = base_job_name(job)
+    if JOB_NAME.fullmatch(name) and len(name) <= BASE_NAME_MAX:
+        return []
+    return [
+        Problem(
+            "cluster.job_name_prefix",
+            f"got {name!r}; use letters, digits and '-' only, at most {BASE_NAME_MAX} "
+            "characters (a 15-character timestamp is appended)",
+        )
+    ]
+
+
+@rule(
+    "container",
+    "instance_type",
+    "cluster.region",
+    "cluster.framework_version",
+    "cluster.py_version",
+)
+def _image_is_known(job: Job) -> list[Problem]:
+    """Without ``container``, the SDK picked an image for the region (``_look_up_image``)."""
+    resolved = _resolved(job)
+    if job.settings.container:
+        return []
+    if resolved.region is None:
+        return [
+            Problem(
+                "cluster.region",
+                "no AWS region configured, and it picks the PyTorch training image: pass "
+                "cluster.region=us-east-1 (or export AWS_REGION) or pass "
+                "container=<training image URI>",
+            )
+        ]
+    return [resolved.image_problem] if resolved.image_problem else []
+
+
+@rule(
+    "recipes.exp_manager.checkpoint_dir",
+    "recipes.exp_manager.export_full_model",
+)
+def _layout_replaces_paths(job: Job) -> list[Problem]:
+    """Recipe paths that SageMaker's fixed layout replaces, and a model.tar.gz left empty."""
+    exp = job.recipe.exp_manager
+    fixed = {
+        "recipes.exp_manager.checkpoint_dir": (exp.checkpoint_dir, CHECKPOINT_DIR),
+        "recipes.exp_manager.export_full_model.output_dir": (
+            exp.export_full_model.output_dir,
+            MODEL_DIR,
+        ),
+    }
+    warnings = [
+        warning(key, f"{value!r} is replaced by {path} on SageMaker (what it syncs to S3)")
+        for key, (value, path) in fixed.items()
+        if value is not None and value != path
+    ]
+    if not exp.export_full_model.save_last:
+        warnings.append(
+            warning(
+                "recipes.exp_manager.export_full_model.save_last",
+                "false, so the job's model.tar.gz (/opt/ml/model) will hold no model",
+            )
+        )
+    return warnings
+
+
 class SmJobsBackend(Backend):
     type = "sm_jobs"
     cluster_schema = SmJobsCluster
+    rules = (
+        _check_instance,
+        _check_role,
+        _check_s3,
+        _check_runtime,
+        _check_inputs,
+        _check_data,
+        _check_paths,
+        _check_names,
+        _image_is_known,
+        _layout_replaces_paths,
+    )
+    cluster_env = ("environment",)
 
-    def validate(self, job: Job) -> list[str]:
-        cluster = _cluster(job)
-        problems = [
-            *_check_instance(job),
-            *_check_role(cluster),
-            *_check_s3(cluster),
-            *_check_runtime(job, cluster),
-            *_check_inputs(cluster),
-            *_check_data(job, cluster),
-            *_check_paths(job),
-            *_check_names(job, cluster),
-        ]
-        if not problems:
-            problems.extend(_check_image(job, cluster))
-        job.warnings.extend([*_secret_warnings(job, cluster), *_layout_warnings(job)])
-        return problems
+    def resolve(self, job: Job) -> SmJobsResolved:
+        region = resolve_region(_cluster(job))
+        image, image_problem = _look_up_image(job, region)
+        return SmJobsResolved(
+            region=region,
+            role=resolve_role(_cluster(job)),
+            image=image,
+            image_problem=image_problem,
+            channels=tuple(input_channels(job)),
+        )
+
+    def secret_hint(self, job: Job, name: str) -> str:
+        return (
+            f"{REQUEST_FILE} and the job's Environment, which anyone allowed to "
+            "DescribeTrainingJob can read; remove it: a gated Hugging Face model can be "
+            "uploaded to S3 and read from a cluster.inputs channel (no token in the job), and a "
+            f"custom script can read {name} from AWS Secrets Manager (with an execution role "
+            "allowed secretsmanager:GetSecretValue)"
+        )
 
     def render(self, job: Job) -> Artifacts:
         spec = job_spec(job)
@@ -344,12 +719,17 @@ class SmJobsBackend(Backend):
         return {"state": "CANCELLED", "cancelled_at": time.time()}
 
 
-# --- resolving the job (pure) -------------------------------------------------------------
+# --- resolving the job ----------------------------------------------------------------
 
 
 def _cluster(job: Job) -> SmJobsCluster:
     assert isinstance(job.cluster, SmJobsCluster)
     return job.cluster
+
+
+def _resolved(job: Job) -> SmJobsResolved:
+    assert isinstance(job.resolved, SmJobsResolved), "plan() resolves the job before render"
+    return job.resolved
 
 
 def base_job_name(job: Job) -> str:
@@ -362,12 +742,17 @@ def base_job_name(job: Job) -> str:
 
 
 def resolve_region(cluster: SmJobsCluster) -> str | None:
-    """``cluster.region``, ``$AWS_REGION``, else what boto3 uses (AWS_DEFAULT_REGION, config)."""
+    """``cluster.region``, ``$AWS_REGION``, else what boto3 uses (AWS_DEFAULT_REGION, config;
+    None when none is configured or the config file can't be read)."""
     if cluster.region or os.environ.get("AWS_REGION"):
         return cluster.region or os.environ["AWS_REGION"]
+    import botocore.exceptions
     import botocore.session
 
-    return botocore.session.get_session().get_config_variable("region")
+    try:
+        return botocore.session.get_session().get_config_variable("region")
+    except botocore.exceptions.BotoCoreError:
+        return None
 
 
 def resolve_role(cluster: SmJobsCluster) -> str | None:
@@ -406,8 +791,11 @@ def data_channels(job: Job) -> list[ChannelSpec]:
         value = getattr(data, key)
         if value is None or value.startswith(f"{CHANNEL_ROOT}/"):
             continue
-        source = value if value.startswith("s3://") else str(Path(value).expanduser().resolve())
-        channels.append(ChannelSpec(name, source=source))
+        if value.startswith("s3://"):
+            channels.append(ChannelSpec(name, source=value))
+            continue
+        source = paths.absolute(value) or Path(value)
+        channels.append(ChannelSpec(name, source=str(source), directory=paths.is_dir(source)))
     return channels
 
 
@@ -437,18 +825,18 @@ def job_requirements(job: Job) -> list[str]:
 
 
 def job_spec(job: Job) -> JobSpec:
-    """Resolve every input of the job (validated before: see ``SmJobsBackend.validate``)."""
+    """Every input of the job, from its config and ``job.resolved`` (pure; validated before)."""
     cluster = _cluster(job)
-    region = resolve_region(cluster)
+    resolved = _resolved(job)
     prefix = run_prefix(job)
     tensorboard = None
     if job.recipe.exp_manager.create_tensorboard_logger:
         tensorboard = cluster.tensorboard_output_path or f"{prefix}/tensorboard"
     return JobSpec(
         base_job_name=base_job_name(job),
-        image=training_image(job, region),
-        role=resolve_role(cluster) or "",
-        region=region,
+        image=resolved.image,
+        role=resolved.role or "",
+        region=resolved.region,
         instance_type=job.settings.instance_type or "",
         instance_count=job.num_nodes,
         volume_size=cluster.volume_size,
@@ -460,13 +848,44 @@ def job_spec(job: Job) -> JobSpec:
         staging=_staging(job),
         checkpoint_s3_uri=cluster.checkpoint_s3_uri or f"{prefix}/checkpoints",
         tensorboard_s3_uri=tensorboard,
-        channels=tuple(input_channels(job)),
+        channels=resolved.channels,
         subnets=tuple(cluster.subnets),
         security_group_ids=tuple(cluster.security_group_ids),
         tags=tuple(cluster.tags.items()),
         environment=tuple(sorted(job_environment(job).items())),
         source_dir=job.custom.script.source_dir if job.custom else None,
     )
+
+
+def _look_up_image(job: Job, region: str | None) -> tuple[str, Problem | None]:
+    """The training image, and why the SDK found none; "" when it can't be asked (no region,
+    an instance type that ``_check_instance`` refuses: their own rules say so)."""
+    instance_type = job.settings.instance_type or ""
+    if job.settings.container:
+        return job.settings.container, None
+    if (
+        region is None
+        or not instance_type.startswith("ml.")
+        or instance_spec(instance_type) is None
+    ):
+        return "", None
+    fix = "or pass container=<training image URI>"
+    try:
+        return training_image(job, region), None
+    except ImportError:
+        problem = Problem(
+            "container",
+            "null needs the sagemaker SDK to resolve the PyTorch training image: "
+            f"pip install 'recipes-launcher[sagemaker]' {fix}",
+        )
+    except ValueError as exc:
+        cluster = _cluster(job)
+        problem = Problem(
+            "cluster.framework_version",
+            f"no SageMaker PyTorch training image for {cluster.framework_version}/"
+            f"{cluster.py_version} in {region} ({exc}); pick a listed version {fix}",
+        )
+    return "", problem
 
 
 def training_image(job: Job, region: str | None) -> str:
@@ -556,12 +975,10 @@ def render_train_sh(job: Job) -> str:
 # --- the CreateTrainingJob request (pure) -------------------------------------------------
 
 
-def staged_uri(spec: JobSpec, job_name: str, channel: str, local_path: str | None = None) -> str:
-    """Where ModelTrainer uploads a local channel: a directory's prefix, or the file itself."""
+def staged_uri(spec: JobSpec, job_name: str, channel: str, file: str | None = None) -> str:
+    """Where ModelTrainer uploads a local channel: a directory's prefix, or the ``file`` itself."""
     uri = f"{spec.staging}/{spec.base_job_name}/{job_name}/input/{channel}"
-    if local_path is not None and not Path(local_path).is_dir():
-        uri += "/" + Path(local_path).name
-    return uri
+    return uri if file is None else f"{uri}/{Path(file).name}"
 
 
 def _s3_channel(name: str, uri: str) -> dict[str, Any]:
@@ -598,8 +1015,10 @@ def render_channels(spec: JobSpec, job_name: str) -> list[dict[str, Any]]:
         if channel.file_system is not None:
             channels.append(_file_system_channel(channel.name, channel.file_system))
         elif channel.local:
-            uri = staged_uri(spec, job_name, channel.name, channel.source)
-            channels.append(_s3_channel(channel.name, uri))
+            file = None if channel.directory else channel.source
+            channels.append(
+                _s3_channel(channel.name, staged_uri(spec, job_name, channel.name, file))
+            )
         else:
             channels.append(_s3_channel(channel.name, channel.source or ""))
     channels += [_s3_channel(n, staged_uri(spec, job_name, n)) for n in SDK_CHANNELS]
@@ -650,265 +1069,6 @@ def render_request(spec: JobSpec, job_name: str) -> dict[str, Any]:
             "S3OutputPath": spec.tensorboard_s3_uri,
         }
     return request
-
-
-# --- validation ---------------------------------------------------------------------------
-
-
-def _known_types() -> list[str]:
-    return [f"ml.{name}" for name in known_instance_types()]
-
-
-def _check_instance(job: Job) -> list[str]:
-    instance_type = job.settings.instance_type
-    if not instance_type:
-        return [
-            "instance_type: is required for cluster=sm_jobs; pass e.g. "
-            "instance_type=ml.g5.48xlarge (8 x A10G) or ml.p4d.24xlarge (8 x A100)"
-        ]
-    spec = instance_spec(instance_type)
-    if not instance_type.startswith("ml.") or spec is None:
-        hint = suggest(instance_type, _known_types()) or suggest(
-            f"ml.{instance_type}", _known_types()
-        )
-        families = sorted({t.split(".")[1] for t in _known_types()})
-        return [
-            f"instance_type: got {instance_type!r}{hint}; not a known SageMaker training "
-            f"instance type (ml.<family>.<size>, families: {', '.join(families)})"
-        ]
-    return _check_devices(job, instance_type, spec.gpus, spec.accelerator)
-
-
-def _check_devices(job: Job, instance_type: str, gpus: int, accelerator: str) -> list[str]:
-    if accelerator == "neuron":
-        return [
-            f"instance_type: {instance_type} has AWS Trainium (Neuron) devices; the adapter "
-            "runs on CUDA GPUs or CPU: use a g5, g6, p4d, p4de, p5 or p5e instance"
-        ]
-    if gpus and job.devices != gpus:
-        return [
-            f"recipes.trainer.devices: got {job.devices}; {instance_type} has {gpus} GPUs per "
-            f"instance: set recipes.trainer.devices={gpus} (or pick an instance type with "
-            f"{job.devices} GPU(s))"
-        ]
-    if not gpus and job.recipe.trainer.accelerator == "gpu":
-        return [
-            f"recipes.trainer.accelerator: got 'gpu' but {instance_type} has no GPU; use a "
-            "GPU instance type (e.g. ml.g5.48xlarge) or recipes.trainer.accelerator=auto"
-        ]
-    return []
-
-
-def _check_role(cluster: SmJobsCluster) -> list[str]:
-    role = resolve_role(cluster)
-    if role is None:
-        return [
-            "cluster.role: is required: pass cluster.role=arn:aws:iam::<account>:role/<name> "
-            f"(a SageMaker execution role) or export {' or '.join(ROLE_ENV)}"
-        ]
-    if not ROLE_ARN.fullmatch(role):
-        source = "cluster.role" if cluster.role else "the role from the environment"
-        return [
-            f"cluster.role: got {role!r} ({source}); expected an IAM role ARN such as "
-            "arn:aws:iam::123456789012:role/SageMakerExecutionRole"
-        ]
-    return []
-
-
-def _s3_problem(key: str, value: str) -> str | None:
-    if S3_URI.fullmatch(value):
-        return None
-    return (
-        f"{key}: got {value!r}; expected an S3 URI s3://<bucket>[/<prefix>] whose bucket name "
-        "has 3-63 lowercase letters, digits, '.' or '-', e.g. s3://my-bucket/llm-runs"
-    )
-
-
-def _check_s3(cluster: SmJobsCluster) -> list[str]:
-    if cluster.output_path is None:
-        return [
-            "cluster.output_path: is required: the S3 prefix for the run's model, "
-            "checkpoints and staged code, e.g. cluster.output_path=s3://my-bucket/llm-runs"
-        ]
-    values = {
-        "cluster.output_path": cluster.output_path,
-        "cluster.checkpoint_s3_uri": cluster.checkpoint_s3_uri,
-        "cluster.tensorboard_output_path": cluster.tensorboard_output_path,
-    }
-    problems = [_s3_problem(k, v) for k, v in values.items() if v is not None]
-    return [p for p in problems if p]
-
-
-def _check_runtime(job: Job, cluster: SmJobsCluster) -> list[str]:
-    seconds = max_run(job)
-    problems = []
-    if cluster.max_run is None and not 0 < seconds <= MAX_RUN_LIMIT:
-        problems.append(
-            f"recipes.run.time_limit: {job.recipe.run.time_limit!r} is {seconds} s; SageMaker "
-            f"allows at most {MAX_RUN_LIMIT} s (28 days): lower it or set cluster.max_run"
-        )
-    if cluster.max_wait is not None and not cluster.use_spot:
-        problems.append("cluster.max_wait: only applies with cluster.use_spot=true; remove it")
-    if cluster.use_spot and cluster.max_wait is not None and cluster.max_wait < seconds:
-        problems.append(
-            f"cluster.max_wait: got {cluster.max_wait}; must be ≥ the maximum runtime "
-            f"({seconds} s): raise it or lower cluster.max_run"
-        )
-    if cluster.use_spot and cluster.keep_alive_period_in_seconds:
-        problems.append(
-            "cluster.keep_alive_period_in_seconds: warm pools can't be used with spot "
-            "training. Choose one: set it to 0 or cluster.use_spot=false"
-        )
-    if job.recipe.exp_manager.create_tensorboard_logger is False and (
-        cluster.tensorboard_output_path is not None
-    ):
-        problems.append(
-            "cluster.tensorboard_output_path: set, but the adapter writes no TensorBoard "
-            "events: pass recipes.exp_manager.create_tensorboard_logger=true or remove it"
-        )
-    return problems
-
-
-def _check_inputs(cluster: SmJobsCluster) -> list[str]:
-    problems = []
-    for name, value in cluster.inputs.items():
-        key = f"cluster.inputs.{name}"
-        if not CHANNEL_NAME.fullmatch(name):
-            problems.append(f"{key}: channel names use letters, digits, '.', '-', '_' (≤ 64)")
-        elif name in SDK_CHANNELS:
-            problems.append(f"{key}: {name!r} is the SDK's own channel; use another name")
-        if isinstance(value, str):
-            problems.extend(p for p in [_s3_problem(key, value)] if p)
-        elif not cluster.subnets:
-            problems.append(
-                f"{key}: a {value.file_system_type} input needs the job in its VPC: set "
-                "cluster.subnets and cluster.security_group_ids"
-            )
-    if bool(cluster.subnets) != bool(cluster.security_group_ids):
-        problems.append(
-            "cluster.subnets: subnets and security_group_ids go together: set both or neither"
-        )
-    return problems
-
-
-def _check_data(job: Job, cluster: SmJobsCluster) -> list[str]:
-    """Each data path: ``s3://``, an existing local path, or a channel path of ``inputs``."""
-    data = job.recipe.model.data
-    problems = []
-    for key, channel in DATA_CHANNELS.items():
-        value = getattr(data, key)
-        full_key = f"recipes.model.data.{key}"
-        if value is None:
-            continue
-        if value.startswith(f"{CHANNEL_ROOT}/"):
-            name = value[len(CHANNEL_ROOT) + 1 :].split("/")[0]
-            if name not in cluster.inputs:
-                problems.append(
-                    f"{full_key}: {value!r} reads channel {name!r}, which cluster.inputs does "
-                    f"not define: add cluster.inputs.{name}=s3://... (or a file system)"
-                )
-        elif value.startswith("s3://"):
-            problems.extend(p for p in [_s3_problem(full_key, value)] if p)
-        elif not Path(value).expanduser().exists():
-            problems.append(
-                f"{full_key}: {value!r} is neither an s3:// URI nor an existing local path; "
-                f"pass {full_key}=s3://bucket/prefix or a local file or directory (uploaded "
-                "at submission)"
-            )
-        if channel in cluster.inputs and not value.startswith(f"{CHANNEL_ROOT}/{channel}"):
-            problems.append(
-                f"cluster.inputs.{channel}: clashes with the {channel!r} channel made from "
-                f"{full_key}; rename the input or set {full_key}={CHANNEL_ROOT}/{channel}"
-            )
-    return problems
-
-
-def _check_paths(job: Job) -> list[str]:
-    """Paths on this machine that the training container can't see."""
-    model = job.recipe.model
-    values = {
-        "recipes.model.hf_model_name_or_path": model.hf_model_name_or_path,
-        "recipes.model.tokenizer_name_or_path": model.tokenizer_name_or_path,
-        "recipes.exp_manager.resume_from_checkpoint": job.recipe.exp_manager.resume_from_checkpoint,
-    }
-    return [
-        f"{key}: {value!r} is a path on this machine, which the training job can't see: "
-        f"upload it to S3, add it as cluster.inputs.<name>=s3://... and set "
-        f"{key}={CHANNEL_ROOT}/<name>"
-        for key, value in values.items()
-        if value is not None
-        and not value.startswith("/opt/ml/")
-        and (value.startswith(("/", ".", "~")) or Path(value).expanduser().exists())
-    ]
-
-
-def _check_names(job: Job, cluster: SmJobsCluster) -> list[str]:
-    name = base_job_name(job)
-    if JOB_NAME.fullmatch(name) and len(name) <= BASE_NAME_MAX:
-        return []
-    return [
-        f"cluster.job_name_prefix: got {name!r}; use letters, digits and '-' only, at most "
-        f"{BASE_NAME_MAX} characters (a 15-character timestamp is appended)"
-    ]
-
-
-def _check_image(job: Job, cluster: SmJobsCluster) -> list[str]:
-    if job.settings.container:
-        return []
-    region = resolve_region(cluster)
-    fix = "or pass container=<training image URI>"
-    if region is None:
-        return [
-            "cluster.region: no AWS region configured, and it picks the PyTorch training "
-            f"image: pass cluster.region=us-east-1 (or export AWS_REGION) {fix}"
-        ]
-    try:
-        training_image(job, region)
-    except ImportError:
-        return [
-            "container: null needs the sagemaker SDK to resolve the PyTorch training image: "
-            f"pip install 'recipes-launcher[sagemaker]' {fix}"
-        ]
-    except ValueError as exc:
-        return [
-            f"cluster.framework_version: no SageMaker PyTorch training image for "
-            f"{cluster.framework_version}/{cluster.py_version} in {region} ({exc}); "
-            f"pick a listed version {fix}"
-        ]
-    return []
-
-
-def _layout_warnings(job: Job) -> list[str]:
-    """Recipe paths that SageMaker's fixed layout replaces, and a model.tar.gz left empty."""
-    exp = job.recipe.exp_manager
-    fixed = {
-        "recipes.exp_manager.checkpoint_dir": (exp.checkpoint_dir, CHECKPOINT_DIR),
-        "recipes.exp_manager.export_full_model.output_dir": (
-            exp.export_full_model.output_dir,
-            MODEL_DIR,
-        ),
-    }
-    warnings = [
-        f"{key}: {value!r} is replaced by {path} on SageMaker (what it syncs to S3)"
-        for key, (value, path) in fixed.items()
-        if value is not None and value != path
-    ]
-    if not exp.export_full_model.save_last:
-        warnings.append(
-            "recipes.exp_manager.export_full_model.save_last: false, so the job's "
-            "model.tar.gz (/opt/ml/model) will hold no model"
-        )
-    return warnings
-
-
-def _secret_warnings(job: Job, cluster: SmJobsCluster) -> list[str]:
-    names = [*job.settings.env_vars, *cluster.environment]
-    return [
-        f"{name}: looks like a secret; the job's Environment is visible to anyone who can "
-        "DescribeTrainingJob (and is written to the run dir): prefer AWS Secrets Manager"
-        for name in names
-        if SECRET_NAME.search(name)
-    ]
 
 
 # --- talking to AWS -----------------------------------------------------------------------

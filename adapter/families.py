@@ -1,0 +1,105 @@
+"""The model families a random-init model can be built from: one torch-free table.
+
+A family is registered once with everything that varies per model: its HF ``model_type``,
+its decoder-layer classes, how the recipe's generic architecture keys map to its config
+names, and how it confines attention to packed samples. ``adapter.models`` builds the models
+from it; ``adapter.config`` checks ``model.model_type`` against it when a recipe is
+validated (at launch, before any job starts), which is why it must not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from adapter.schema import suggest
+
+GENERIC_ARCH_KEYS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "num_local_experts",
+    "num_experts_per_tok",
+)
+MOE_KEYS = ("num_local_experts", "num_experts_per_tok")
+
+PackedAttention = Literal["position_ids", "block_mask"]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    hf_model_type: str
+    """``model_type`` of the family's Hugging Face config."""
+    layer_classes: tuple[str, ...]
+    """Class names of the decoder layers (the unit of sharding and checkpointing)."""
+    key_map: dict[str, str | None] = field(default_factory=dict)
+    """Generic architecture key → this family's config key (identity when absent; None =
+    the key doesn't apply to this family)."""
+    remote_code: bool = False
+    """Needs ``trust_remote_code`` (model code lives in the checkpoint repo)."""
+    packing: PackedAttention | None = "position_ids"
+    """How attention is confined to packed samples: restarted position ids (HF's mask
+    builder and flash-attention varlen detect them), a 4-D block mask, or not supported."""
+    explicit_head_dim: bool = False
+    """The config's ``head_dim`` doesn't follow hidden_size / heads by default (GLM: 128)."""
+
+
+DENSE = {key: None for key in MOE_KEYS}
+"""Dense families: the mixture-of-experts keys don't apply."""
+
+FAMILIES: dict[str, ModelFamily] = {
+    "llama": ModelFamily("llama", ("LlamaDecoderLayer",), DENSE),
+    "mistral": ModelFamily("mistral", ("MistralDecoderLayer",), DENSE),
+    "mixtral": ModelFamily("mixtral", ("MixtralDecoderLayer",)),
+    "qwen2": ModelFamily("qwen2", ("Qwen2DecoderLayer",), DENSE),
+    "glm": ModelFamily("glm", ("GlmDecoderLayer",), DENSE, explicit_head_dim=True),
+    "mpt": ModelFamily(
+        "mpt",
+        ("MptBlock",),
+        {
+            **DENSE,
+            "num_hidden_layers": "n_layers",
+            "hidden_size": "d_model",
+            "num_attention_heads": "n_heads",
+            "max_position_embeddings": "max_seq_len",
+            "num_key_value_heads": None,
+        },
+        # MPT takes no position ids (ALiBi); its eager attention reads a 4-D mask.
+        packing="block_mask",
+    ),
+    "gpt2": ModelFamily(
+        "gpt2",
+        ("GPT2Block",),
+        {
+            **DENSE,
+            "num_hidden_layers": "n_layer",
+            "hidden_size": "n_embd",
+            "num_attention_heads": "n_head",
+            "max_position_embeddings": "n_positions",
+            "intermediate_size": "n_inner",
+            "num_key_value_heads": None,
+        },
+    ),
+    # ChatGLM-6B (remote code): 2-D position ids of its own, so no packing.
+    "chatglm": ModelFamily("chatglm", ("GLMBlock",), remote_code=True, packing=None),
+}
+
+
+def unknown_family(model_type: str) -> str:
+    """Why ``model_type`` can't be built from random init, with the registered families."""
+    known = ", ".join(sorted(FAMILIES))
+    return (
+        f"unknown {model_type!r}{suggest(model_type, FAMILIES)}; known families: {known} "
+        "(a pretrained model of another type works through model.hf_model_name_or_path)"
+    )
+
+
+REMOTE_CODE = (
+    "its code lives in the checkpoint repo; set model.hf_model_name_or_path "
+    "(e.g. THUDM/chatglm-6b) and model.trust_remote_code=true"
+)
+"""Why a ``remote_code`` family can't be built from random init, and what to do instead."""
