@@ -12,7 +12,10 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 TRAIN_CE = "Train metrics/train/LanguageCrossEntropy"
 TRAIN_PPL = "Train metrics/train/LanguagePerplexity"
@@ -36,6 +39,16 @@ def peak_flops(device_name: str | None) -> float | None:
     if not device_name:
         return None
     return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """GiB of GPU memory this process has allocated at most (``torch.cuda.max_memory_allocated``
+    since it started); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
 def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
@@ -80,9 +93,11 @@ class MetricsLogger:
         self._clear_progress()
         eta = self._eta(step)
         mfu = f" | mfu {values['mfu']:.1%}" if values.get("mfu") is not None else ""
+        memory = values.get("peak_memory_gib")
+        mem = f" | peak mem {memory:.1f} GiB" if memory is not None else ""
         print(
             f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {values['lr']:.3e} | "
-            f"grad_norm {values['grad_norm']:.3f} | {values['tokens_per_s']:,.0f} tok/s{mfu} "
+            f"grad_norm {values['grad_norm']:.3f} | {values['tokens_per_s']:,.0f} tok/s{mfu}{mem} "
             f"| eta {eta}",
             flush=True,
         )

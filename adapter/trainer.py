@@ -45,7 +45,7 @@ from adapter.distributed import (
 )
 from adapter.export import export_model
 from adapter.loss import computing_loss, find_loss_head, last_positions, sum_cross_entropy
-from adapter.metrics import MetricsLogger, flops_per_token, peak_flops
+from adapter.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
 from adapter.models import (
     build_model,
     build_pretrained_architecture,
@@ -389,6 +389,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "consumed_samples": self.state.consumed_samples,
             "mfu": self._mfu(tokens_per_s),
+            "peak_memory_gib": peak_memory_gib(self.env.device),
         }
         self.metrics.train(step, values)
 

@@ -1,5 +1,8 @@
 """Run the benchmarks: ``python -m bench [name ...] [--quick] [--repeats N] [--results-dir DIR]``.
 
+``python -m bench gpu --from PACK_JSON`` folds a GPU pack's result (``bench/gpu_pack.sh``)
+into ``<results-dir>/gpu.json`` and the table instead of running anything.
+
 Every ``bench/<name>_bench.py`` is a benchmark. One that defines ``run(options)`` is called
 here (it writes ``<results-dir>/<name>.json`` through ``bench.common.write_result``); any
 other is a script, run as ``python -m bench.<name>_bench`` with the arguments listed in
@@ -95,11 +98,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per measurement")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument(
+        "--from",
+        dest="from_pack",
+        type=Path,
+        default=None,
+        metavar="PACK_JSON",
+        help="with the name gpu: fold a GPU pack's gpu_pack.json (bench/gpu_pack.sh) into "
+        "<results-dir>/gpu.json and the README table; runs nothing",
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in names]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(names)}")
+    if args.from_pack is not None and args.names != ["gpu"]:
+        parser.error(
+            f"--from folds a GPU pack's result: `python -m bench gpu --from {args.from_pack}` "
+            f"(got the names {args.names or 'none'})"
+        )
     return args
+
+
+def fold_pack(path: Path, options: Options) -> int:
+    """``python -m bench gpu --from PACK_JSON``: fold, then regenerate the README table."""
+    from bench.gpu_bench import PackError, fold, read_pack
+
+    try:
+        fold(read_pack(path), options)
+    except PackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if options.results_dir.resolve() == RESULTS_DIR.resolve():
+        update_readme(README, options.results_dir)
+        say(f"updated the table in {README}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(discover()))
         return 0
     options = Options(quick=args.quick, repeats=args.repeats, results_dir=args.results_dir)
+    if args.from_pack is not None:
+        return fold_pack(args.from_pack, options)
     failed = []
     for name in args.names or discover():
         try:

@@ -1,233 +1,235 @@
-"""GPU: tokens/s/GPU, MFU and peak memory of a ~1B Llama, bf16, compile and AC off/on.
+"""GPU: what only a GPU can show, measured by the GPU proof pack (``bench/gpu_pack.sh``).
 
-    python -m bench gpu            (or: python -m bench.gpu_bench)
+    python -m bench gpu --from OUT_DIR/gpu_pack.json   fold a pack's result (runs nothing)
+    python -m bench gpu                                  here: prepare + run the pack + fold
 
-Each configuration (``model.compile`` off/on x ``model.activation_checkpointing`` off/on)
-runs in its own process (``torchrun --nproc_per_node=1 -m bench.gpu_bench --worker``),
-which builds the real adapter ``Trainer`` (on one GPU the plain model under bf16 autocast
-with fp32 master weights, as every single-rank run; the recipe says FSDP2 full_shard,
-which applies from two GPUs) on random tokens, runs ``warmup`` steps (compilation happens
-there), then times ``steps`` optimizer steps between ``torch.cuda.synchronize()`` calls.
-MFU = tokens/s x FLOPs per token (``adapter.metrics.flops_per_token``: 6N + 6·L·h·s) / the
-GPU's dense bf16 peak (``adapter.metrics.peak_flops``). Peak memory is
-``torch.cuda.max_memory_allocated``.
-
-Without a CUDA device it writes nothing new and says why (an earlier GPU result is kept).
+The pack (``bench/gpu_pack/``) measures a ~1.1B Llama's tokens/s/GPU, MFU and peak memory
+(``model.compile`` and activation checkpointing off/on) and checks bf16 against fp32,
+packed attention, pinned-memory copies and a bitwise checkpoint resume on CUDA. Folding
+merges its parts into ``results/gpu.json`` part by part: a part measured on a GPU is never
+replaced by one that wasn't (a skip, or the CPU rehearsal of a check), so an earlier GPU
+result survives any later run without one.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Options, run_timed, say, torchrun, write_result
-from bench.data import TokenData, make_token_data, nothing_saved, random_llama
+from bench.common import Options, machine, say
+from bench.gpu_pack.core import FORMAT, MEASURED, PART_FIELDS, RESULT_FIELDS, part_record
+from bench.gpu_pack.parts import PARTS
 from bench.report import Row, fmt
 
 NAME = "gpu"
-RESULT_PREFIX = "GPU_BENCH_RESULT "
 GOAL_MFU = 0.45
-SEED = 1234
+PEER = "torchtitan 33–39 % MFU (8B, 8×H100)"
 
 
-@dataclass(frozen=True)
-class Size:
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    seq: int
-    micro_batch: int
-    warmup: int
-    steps: int
+class PackError(Exception):
+    """A file that isn't a GPU pack's result: names the file and what is wrong."""
 
 
-ONE_B = Size(  # TinyLlama-1.1B's shape (Llama 2 architecture, grouped-query attention)
-    layers=22,
-    hidden=2048,
-    heads=32,
-    kv_heads=4,
-    intermediate=5632,
-    vocab=32000,
-    seq=2048,
-    micro_batch=4,
-    warmup=4,
-    steps=10,
-)
-TINY = Size(
-    layers=2,
-    hidden=128,
-    heads=4,
-    kv_heads=4,
-    intermediate=256,
-    vocab=512,
-    seq=128,
-    micro_batch=2,
-    warmup=2,
-    steps=2,
-)
-CONFIGS = [(compile_, ac) for compile_ in (False, True) for ac in (False, True)]
+def on_gpu(record: dict[str, Any]) -> bool:
+    """The part ran, on a GPU (not skipped, not the CPU rehearsal of a check)."""
+    return record.get("status") in MEASURED and record.get("device") not in (None, "cpu")
 
 
-def recipe(size: Size, data: TokenData, compile_: bool, ac: bool, exp_dir: Path) -> dict[str, Any]:
-    return {
-        "run": {"name": "bench_gpu"},
-        "trainer": {
-            "devices": 1,
-            "accelerator": "gpu",
-            "precision": "bf16",
-            "max_steps": size.warmup + size.steps,
-            "log_every_n_steps": 1000,
-        },
-        "exp_manager": nothing_saved(exp_dir),
-        "model": {
-            **random_llama(
-                data,
-                layers=size.layers,
-                hidden=size.hidden,
-                heads=size.heads,
-                kv_heads=size.kv_heads,
-                intermediate=size.intermediate,
-                seq=size.seq,
-            ),
-            "train_batch_size": size.micro_batch,
-            "global_batch_size": size.micro_batch,
-            "sharding_strategy": "full_shard",
-            "compile": compile_,
-            "activation_checkpointing": ac,
-            "seed": SEED,
-            "optim": {"lr": 1e-4, "sched": {"name": "constant", "warmup_steps": 0}},
-        },
-    }
+def read_pack(path: Path) -> dict[str, Any]:
+    """A pack's JSON, checked: every top-level and part field present, known statuses."""
+    try:
+        pack = json.loads(path.read_text())
+    except OSError as exc:
+        raise PackError(f"--from {path}: can't read it ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise PackError(f"--from {path}: not JSON ({exc})") from None
+    if not isinstance(pack, dict) or pack.get("format") != FORMAT:
+        found = pack.get("format") if isinstance(pack, dict) else type(pack).__name__
+        raise PackError(
+            f"--from {path}: format {found!r}, expected {FORMAT!r} (the gpu_pack.json that "
+            "bench/gpu_pack.sh writes)"
+        )
+    missing = [key for key in RESULT_FIELDS if key not in pack]
+    parts = pack.get("parts")
+    if missing or not isinstance(parts, dict):
+        raise PackError(f"--from {path}: missing {', '.join(missing) or 'parts'}")
+    for name, record in parts.items():
+        lacking = [key for key in PART_FIELDS if key not in record]
+        if lacking:
+            raise PackError(f"--from {path}: part {name} lacks {', '.join(lacking)}")
+    return pack
 
 
-def worker(settings_path: str) -> int:
-    """One configuration, in this process: print the result as one JSON line."""
-    import torch
-
-    from adapter.config import load_recipe
-    from adapter.metrics import flops_per_token, peak_flops
-    from adapter.trainer import Trainer
-
-    settings = json.loads(Path(settings_path).read_text())
-    trainer = Trainer(load_recipe(settings["recipe"]))
-    for _ in range(settings["warmup"]):
-        trainer.train_step()
-    torch.cuda.synchronize()
-    start, tokens = time.perf_counter(), 0
-    for _ in range(settings["steps"]):
-        tokens += trainer.train_step()[1]
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    tokens_per_s = tokens / elapsed / trainer.env.world_size
-    seq = settings["recipe"]["model"]["max_context_width"]
-    per_token = flops_per_token(trainer.num_params, trainer.num_layers, trainer.hidden, seq)
-    name = torch.cuda.get_device_name()
-    peak = peak_flops(name)
-    result = {
-        "device": name,
-        "parameters": trainer.num_params,
-        "step_s": round(elapsed / settings["steps"], 4),
-        "tokens_per_s_per_gpu": round(tokens_per_s, 1),
-        "flops_per_token": per_token,
-        "peak_bf16_flops": peak,
-        "mfu": round(tokens_per_s * per_token / peak, 4) if peak else None,
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-    }
-    if trainer.env.is_main:
-        print(RESULT_PREFIX + json.dumps(result), flush=True)
-    return 0
-
-
-def measure(size: Size, data: TokenData, work: Path, compile_: bool, ac: bool) -> dict[str, Any]:
-    exp_dir = work / f"exp_{int(compile_)}{int(ac)}"
-    settings = work / f"settings_{int(compile_)}{int(ac)}.json"
-    payload = {"recipe": recipe(size, data, compile_, ac, exp_dir), **asdict(size)}
-    settings.write_text(json.dumps(payload))
-    command = [torchrun(), "--standalone", "--nproc_per_node=1", "-m", "bench.gpu_bench"]
-    timed = run_timed([*command, "--worker", str(settings)])
-    config = {"compile": compile_, "activation_checkpointing": ac}
-    lines = [x for x in timed.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
-    if timed.returncode != 0 or not lines:
-        tail = "\n".join(timed.stdout.splitlines()[-15:])
-        say(f"gpu: compile={compile_} ac={ac} failed:\n{tail}")
-        return {**config, "error": tail[-2000:]}
-    return {**config, **json.loads(lines[-1].removeprefix(RESULT_PREFIX))}
-
-
-def skip(options: Options, reason: str) -> dict[str, Any]:
-    """No GPU: say so; keep an earlier real result, else record the skip."""
-    say(f"gpu: skipped: {reason}")
+def fold(pack: dict[str, Any], options: Options) -> dict[str, Any]:
+    """Merge ``pack`` into ``<results_dir>/gpu.json`` part by part (see the module doc) and
+    return what was written. Parts the pack didn't reach become skips."""
     path = options.results_dir / f"{NAME}.json"
-    if path.is_file() and "configs" in json.loads(path.read_text()):
-        say(f"gpu: kept the earlier GPU result in {path}")
-        return json.loads(path.read_text())
-    return write_result(options, NAME, {}, {"skipped": reason})
+    earlier = earlier_parts(path)
+    parts: dict[str, Any] = {}
+    kept = []
+    for name in [*pack["parts"], *(n for n in earlier if n not in pack["parts"])]:
+        record = pack["parts"].get(name)
+        if record is not None:
+            record = {**reached(record), "measured": pack["created"], "host": pack["machine"]}
+        old = earlier.get(name)
+        if old is not None and on_gpu(old) and (record is None or not on_gpu(record)):
+            parts[name] = old
+            kept.append(name)
+        elif record is not None:
+            parts[name] = record
+    result = {
+        **{key: pack[key] for key in RESULT_FIELDS if key != "parts"},
+        "folded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "kept_from_earlier": kept,
+        "goal_mfu": GOAL_MFU,
+        "parts": parts,
+    }
+    options.results_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    say(
+        f"gpu: wrote {path}"
+        + (f" (kept the earlier GPU results of {', '.join(kept)})" if kept else "")
+    )
+    return result
+
+
+def reached(record: dict[str, Any]) -> dict[str, Any]:
+    """A part the pack never reached (it was stopped) is a skip that says so."""
+    if record["status"] != "pending":
+        return record
+    return {**record, "status": "skipped", "reason": "not reached: the pack stopped before it"}
+
+
+def earlier_parts(path: Path) -> dict[str, Any]:
+    """The parts of the current ``gpu.json``; none for a missing file or the format before
+    the pack (whose only results were skips: the old benchmark never ran on a GPU)."""
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(earlier, dict) or earlier.get("format") != FORMAT:
+        return {}
+    return dict(earlier.get("parts", {}))
+
+
+def skipped_pack(reason: str, quick: bool = False) -> dict[str, Any]:
+    """A pack result in which every part was skipped for ``reason`` (nothing ran)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    parts = {}
+    for part in PARTS:
+        status = "not_available" if part.not_available else "skipped"
+        parts[part.name] = part_record(
+            status, reason=part.not_available or reason, budget_s=part.budget_s
+        )
+    return {
+        "name": NAME,
+        "format": FORMAT,
+        "created": now,
+        "quick": quick,
+        "finished": True,
+        "machine": machine(),
+        "device": {"cuda": False, "reason": reason},
+        "settings": {"parts": {p.name: {"title": p.title} for p in PARTS}},
+        "parts": parts,
+        "elapsed_s": 0.0,
+    }
 
 
 def run(options: Options) -> dict[str, Any]:
+    """``python -m bench gpu``: without CUDA, fold a skip (an earlier GPU result is kept);
+    with CUDA (and the launcher, as here), prepare and run the pack, then fold it."""
     import torch
 
     if not torch.cuda.is_available():
-        return skip(options, "no CUDA device here (torch.cuda.is_available() is False)")
-    size = TINY if options.quick else ONE_B
-    configs = CONFIGS[:1] if options.quick else CONFIGS
+        reason = "no CUDA device here (torch.cuda.is_available() is False)"
+        return fold(skipped_pack(reason, options.quick), options)
+    from bench.gpu_pack.runner import prepare, run_pack
+
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        samples = (size.warmup + size.steps) * size.micro_batch
-        data = make_token_data(Path(tmp) / "data", samples, size.seq, size.vocab, SEED)
-        results = [measure(size, data, Path(tmp), c, ac) for c, ac in configs]
-    settings = {**asdict(size), "precision": "bf16", "sharding": "1 GPU: unwrapped, bf16 autocast"}
-    return write_result(options, NAME, settings, {"configs": results, "goal_mfu": GOAL_MFU})
+        root, out = Path(tmp) / "prepared", Path(tmp) / "out"
+        prepare(root, tiny=options.quick)
+        return fold(run_pack(root, out), options)
 
 
+# --- the table ----------------------------------------------------------------------------
 def summarize(result: dict[str, Any]) -> list[Row]:
-    if "skipped" in result:
-        what = "GPU: ~1B Llama, bf16 (tokens/s/GPU, MFU, memory)"
-        return [Row(what, f"not run: {result['skipped']}", goal=f"≥ {GOAL_MFU:.0%} MFU")]
-    rows = []
-    for config in result["configs"]:
-        what = (
-            f"GPU {config.get('device', '?')}: ~1B Llama bf16, "
-            f"compile {'on' if config['compile'] else 'off'}, "
-            f"AC {'on' if config['activation_checkpointing'] else 'off'}"
-        )
-        if "error" in config:
-            rows.append(Row(what, "failed (see results/gpu.json)"))
-            continue
-        mfu = config.get("mfu")
-        rows.append(
-            Row(
-                what,
-                f"{fmt(config['tokens_per_s_per_gpu'], 0)} tok/s/GPU, MFU "
-                f"{fmt(None if mfu is None else 100 * mfu, 1)} %, "
-                f"{fmt(config['peak_memory_gib'], 1)} GiB",
-                "torchtitan 33–39 % MFU (8B, 8×H100)",
-                goal=f"≥ {GOAL_MFU:.0%} MFU",
-                met=None if mfu is None else mfu >= GOAL_MFU,
-            )
-        )
+    if result.get("format") != FORMAT:  # the benchmark's result before the pack
+        reason = result.get("skipped", "see results/gpu.json")
+        return [Row("GPU: ~1B Llama, bf16 (tokens/s/GPU, MFU, memory)", f"not run: {reason}")]
+    titles = {n: s.get("title", n) for n, s in result.get("settings", {}).get("parts", {}).items()}
+    rows: list[Row] = []
+    not_run: dict[str, list[str]] = {}
+    for name, record in result["parts"].items():
+        title = titles.get(name, name)
+        if record["status"] in MEASURED:
+            rows.append(measured_row(name, title, record))
+        else:
+            label = "not available" if record["status"] == "not_available" else "not run"
+            not_run.setdefault(f"{label}: {record['reason']}", []).append(f"`{name}`")
+    for reason, which in not_run.items():
+        rows.append(Row(f"GPU pack: {', '.join(which)}", reason))
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--worker", metavar="SETTINGS_JSON", help="(internal) run one config")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    if args.worker:
-        return worker(args.worker)
-    run(Options(quick=args.quick))
-    return 0
+def measured_row(name: str, title: str, record: dict[str, Any]) -> Row:
+    device = record.get("device") or "?"
+    what = f"GPU pack on {device}: {title}"
+    when = str(record.get("measured", ""))[:16].replace("T", " ") or None
+    status, results = record["status"], record["results"]
+    if status in ("error", "timed_out"):
+        first = (record.get("reason") or "").splitlines()[0][:160]
+        return Row(what, f"{status.replace('_', ' ')}: {first}", met=False, when=when)
+    if name.startswith("perf_"):
+        mfu = results.get("mfu_spec")
+        measured = results.get("mfu_measured_peak")
+        memory, step = results.get("peak_memory_gib"), results.get("step_s")
+        return Row(
+            what,
+            f"{fmt(results.get('tokens_per_s_per_gpu'), 0)} tok/s/GPU, MFU "
+            f"{percent(mfu)} of the {fmt(results.get('spec_peak_tflops'), 0)} TF spec "
+            f"({percent(measured)} of {fmt(results.get('measured_peak_tflops'), 0)} TF "
+            "measured), "
+            f"peak {fmt(memory, 1)} GiB, step {fmt(step)} s",
+            PEER,
+            goal=f"≥ {GOAL_MFU:.0%} MFU",
+            met=None if mfu is None else mfu >= GOAL_MFU,
+            when=when,
+        )
+    if name == "matmul_peak":
+        return Row(what, f"{fmt(results.get('tflops'), 0)} TFLOP/s", when=when)
+    return Row(what, check_summary(name, results), goal="passes", met=record["passed"], when=when)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def percent(share: float | None) -> str:
+    return fmt(None if share is None else 100 * share, 1, " %")
+
+
+def check_summary(name: str, results: dict[str, Any]) -> str:
+    if name == "bf16_vs_fp32":
+        return (
+            f"max relative difference {fmt(100 * results['max_rel_diff'], 3)} % over "
+            f"{results['steps']} steps (tolerance {results['tolerance_rel']:.0%})"
+        )
+    if name == "packed_losses":
+        return f"max relative difference {results['max_rel_diff']:.1e} ({results['attention']})"
+    if name == "pinned_copies":
+        return (
+            f"host {1000 * results['host_s_while_gpu_busy']:.2f} ms while the GPU was busy "
+            f"{1000 * results['gpu_busy_s']:.0f} ms; values equal: {results['values_equal']}"
+        )
+    if name == "checkpoint_resume":
+        final = results["attempts"][-1]
+        return f"bitwise: {final['bitwise']} under {results['kernels']}" + (
+            " (needed: the default kernels differed)"
+            if results["deterministic_algorithms_needed"]
+            else ""
+        )
+    if name == "qlora":
+        losses = results.get("losses") or []
+        return f"{len(losses)} steps, last loss {fmt(losses[-1] if losses else None)}"
+    return json.dumps(results)[:160]

@@ -27,6 +27,8 @@ class Row:
     """Adapter better when > 1 (peer time / our time, our throughput / the peer's)."""
     goal: str = "—"
     met: bool | None = None
+    when: str | None = None
+    """When this row was measured, if not when its result file was (a kept GPU part)."""
 
 
 def fmt(value: float | None, digits: int = 3, unit: str = "") -> str:
@@ -125,7 +127,7 @@ def table(results_dir: Path) -> str:
         when = _when(result)
         for row in summarize(name, result):
             met = {True: "yes", False: "**no**", None: "—"}[row.met]
-            cells = (row.measure, row.ours, row.peer, row.ratio, row.goal, met, when)
+            cells = (row.measure, row.ours, row.peer, row.ratio, row.goal, met, row.when or when)
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
