@@ -35,7 +35,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from adapter.checkpoint import (
     ASSETS,
     RECIPE_FILE,
+    SAVE_ERRORS,
     CheckpointError,
+    DamagedCheckpoint,
+    file_problems,
     parameters_on_meta,
     read_marker,
     resolve_checkpoint,
@@ -111,7 +114,9 @@ def load_checkpoint_source(checkpoint: Path) -> ExportSource:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     path = resolve_checkpoint(checkpoint)
-    read_marker(path)
+    problems = file_problems(path, read_marker(path))
+    if problems:
+        raise DamagedCheckpoint(path, problems)
     assets = path / ASSETS
     recipe_path = assets / RECIPE_FILE
     if not recipe_path.is_file():
@@ -141,7 +146,10 @@ def load_checkpoint_source(checkpoint: Path) -> ExportSource:
     wrapped = {"app": {"model": template}}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(wrapped, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        try:
+            dcp.load(wrapped, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        except SAVE_ERRORS as exc:
+            raise CheckpointError(f"{path}: can't load this checkpoint: {exc}") from exc
     source.state = wrapped["app"]["model"]
     source.tokenizer = AutoTokenizer.from_pretrained(assets, trust_remote_code=remote)
     return source

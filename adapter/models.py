@@ -8,6 +8,8 @@ through a generic path (decoder layers = the longest ModuleList).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -25,6 +27,21 @@ from adapter.families import (
 
 class ModelError(Exception):
     """A model that can't be built as configured (unknown family, bad architecture)."""
+
+
+@contextmanager
+def loading(key: str, source: str) -> Iterator[None]:
+    """Turn Hugging Face's failure to load ``source`` (the value of recipe key ``key``) into a
+    ModelError naming the key: a missing directory or file, an unreachable hub, a gated repo."""
+    try:
+        yield
+    except OSError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelError(
+            f"{key}: can't load {source!r}: {reason}. Pass a local directory holding the "
+            "model's files (config.json, weights, tokenizer) or a hub id the job can reach "
+            "(export HF_TOKEN for gated models; HF_HUB_OFFLINE=1 reads the local cache only)"
+        ) from None
 
 
 def family_of(model: ModelConfig) -> ModelFamily:
@@ -56,9 +73,10 @@ def pretrained_model_type(model: ModelConfig) -> str:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(
-            model.hf_model_name_or_path, trust_remote_code=model.trust_remote_code
-        )
+        with loading("model.hf_model_name_or_path", str(model.hf_model_name_or_path)):
+            config = AutoConfig.from_pretrained(
+                model.hf_model_name_or_path, trust_remote_code=model.trust_remote_code
+            )
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ModelError(
@@ -114,12 +132,13 @@ def build_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if model.hf_model_name_or_path:
-        return AutoModelForCausalLM.from_pretrained(
-            model.hf_model_name_or_path,
-            dtype=torch.float32,
-            trust_remote_code=model.trust_remote_code,
-            **(load_kwargs or {}),
-        )
+        with loading("model.hf_model_name_or_path", model.hf_model_name_or_path):
+            return AutoModelForCausalLM.from_pretrained(
+                model.hf_model_name_or_path,
+                dtype=torch.float32,
+                trust_remote_code=model.trust_remote_code,
+                **(load_kwargs or {}),
+            )
     family = resolve_family(model)
     tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
     kwargs = {**tokens, **architecture(model, vocab_size)}
@@ -133,9 +152,10 @@ def build_pretrained_architecture(model: ModelConfig) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     assert model.hf_model_name_or_path is not None
-    config = AutoConfig.from_pretrained(
-        model.hf_model_name_or_path, trust_remote_code=model.trust_remote_code
-    )
+    with loading("model.hf_model_name_or_path", model.hf_model_name_or_path):
+        config = AutoConfig.from_pretrained(
+            model.hf_model_name_or_path, trust_remote_code=model.trust_remote_code
+        )
     return AutoModelForCausalLM.from_config(
         config, dtype=torch.float32, trust_remote_code=model.trust_remote_code
     )

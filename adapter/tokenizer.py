@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from adapter.config import ModelConfig
+from adapter.models import loading
 
 SPECIAL_TOKENS = {
     "bos_token": "<s>",
@@ -25,7 +26,13 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase | None:
     source = model.tokenizer_name_or_path or model.hf_model_name_or_path
     if source is None:
         return None
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model.trust_remote_code)
+    key = (
+        "model.tokenizer_name_or_path"
+        if model.tokenizer_name_or_path
+        else ("model.hf_model_name_or_path")
+    )
+    with loading(key, source):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -213,6 +213,12 @@ def test_export_command_matches_training_export_and_generate_applies_template(
     assert export_main([str(tmp_path), str(tmp_path / "nothing")]) == 2
     assert f"error: {tmp_path}: not a checkpoint" in capsys.readouterr().err
 
+    step_4 = run_dir / "checkpoints" / "step_4"
+    (step_4 / "__0_0.distcp").unlink()
+    assert export_main([str(step_4), str(tmp_path / "damaged")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {step_4} is damaged: __0_0.distcp is missing"), err
+
 
 def python(*args: str) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(

@@ -14,6 +14,7 @@ from adapter.data.formats import IGNORE_INDEX, Sample
 from adapter.data.loader import pad_batch
 from adapter.models import ModelError, build_model
 from adapter.peft import apply_peft, check_peft, peft_config
+from adapter.schema import Problem, apply_rules, rules_of
 from adapter.trainer import forward
 from tests.adapter_helpers import FAMILY_ARCH, REPO, matrix, register_cases, tiny_recipe
 
@@ -125,8 +126,8 @@ def test_prompt_learning_with_packing_is_refused_at_validation() -> None:
     cfg = ModelConfig(peft=PeftConfig(peft_type="prefix_tuning"), num_hidden_layers=1)
     cfg.data.packing = True
     cfg.data.synthetic = "arithmetic"
-    assert cfg.check() == [
-        (
+    assert apply_rules(rules_of(ModelConfig), cfg) == [
+        Problem(
             "peft.peft_type",
             "prefix_tuning prepends virtual tokens to every sequence and can't be combined "
             "with model.data.packing=true; choose one",
@@ -144,7 +145,7 @@ def test_qlora_without_bitsandbytes_says_how_to_fix() -> None:
 def test_qlora_needs_a_gpu_and_pretrained_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     needs_weights = ModelConfig(peft=PeftConfig(peft_type="qlora_4bit"), num_hidden_layers=1)
     needs_weights.data.synthetic = "arithmetic"
-    assert [key for key, _ in needs_weights.check()] == ["peft.peft_type"]
+    assert [p.key for p in apply_rules(rules_of(ModelConfig), needs_weights)] == ["peft.peft_type"]
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: object() if name == "bitsandbytes" else real(name)

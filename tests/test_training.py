@@ -6,13 +6,14 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import FAST, read_metrics, run_main
+from tests.conftest import FAST, REPO, read_metrics, run_main
 from tests.helpers_checkpoint import descendants
 
 pytestmark = pytest.mark.slow
@@ -208,3 +209,32 @@ def test_fp16_trains_with_loss_scaling_and_checkpoints_the_scaler(results: Path)
     assert losses[-1] < losses[0]
     metadata = (run_dir / "checkpoints/step_6/.metadata").read_bytes()
     assert b"grad_scaler" in metadata
+
+
+def test_pretrained_weights_that_cannot_be_loaded_are_one_line_error(tmp_path: Path) -> None:
+    """A model path that isn't there (or a hub the job can't reach): exit 2, the key named."""
+    missing = tmp_path / "no_such_model"
+    recipe = {
+        "trainer": {"max_steps": 1, "precision": "32", "accelerator": "cpu"},
+        "exp_manager": {"exp_dir": str(tmp_path / "run")},
+        "model": {
+            "hf_model_name_or_path": str(missing),
+            "data": {"synthetic": "arithmetic", "num_synthetic_samples": 10},
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    done = subprocess.run(
+        [sys.executable, "-m", "adapter.train", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    # The tokenizer is loaded first, from the model's path (no tokenizer_name_or_path).
+    assert done.stderr.startswith(
+        f"error: model.hf_model_name_or_path: can't load '{missing}': "
+    ), done.stderr
+    assert "Traceback" not in done.stderr

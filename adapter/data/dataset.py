@@ -8,6 +8,7 @@ then ``build_datasets`` tokenizes, truncates, chunks (``text``) or packs (``pack
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,11 +230,19 @@ def _synthetic(data: DataConfig, seed: int, exp_dir: str) -> tuple[list[dict], l
     count = data.num_synthetic_samples
     train, val = make(count, seed), make(max(10, count // 10), seed + 1)
     out = Path(exp_dir) / "data"
-    if not out.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
-            (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
+        if not (out / name).exists():  # every rank makes the same rows: the first one wins
+            _write_replacing(out / name, "".join(json.dumps(r) + "\n" for r in rows))
     return train, val
+
+
+def _write_replacing(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a file of this process's own, renamed over ``path``:
+    ranks writing the same file at once never leave it half written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _read(path: str, data: DataConfig, tokenizer: Any, stats: DataStats) -> RawSplit:
