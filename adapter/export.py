@@ -45,6 +45,7 @@ from adapter.checkpoint import (
 )
 from adapter.config import Recipe, load_recipe
 from adapter.distributed import DistEnv, fail_together
+from adapter.layout import MERGED_DIR
 from adapter.schema import ConfigError, to_dict
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 MAX_SHARD_SIZE = "5GB"
-MERGED_DIR = "merged"
 LORA_TYPES = ("lora", "qlora_4bit")
 
 

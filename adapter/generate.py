@@ -22,10 +22,8 @@ import torch
 import yaml
 
 from adapter.config import Recipe, load_recipe
+from adapter.layout import MERGED_DIR, RECIPE_FILE
 from adapter.schema import ConfigError
-
-RECIPE_FILE = "recipe.yaml"
-MERGED_DIR = "merged"
 
 
 class GenerateError(Exception):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter.config import Recipe
+from adapter.layout import LOGS_DIR
 from adapter.schema import (
     ConfigError,
     Parsed,
@@ -33,10 +34,6 @@ from launcher import paths
 from launcher.backends import available, get_backend
 from launcher.backends.base import Backend, ClusterConfig, LaunchRule, Resolved
 from launcher.instances import instance_spec
-
-RECIPE_FILE = "recipe.yaml"
-TRAIN_SCRIPT = "train.sh"
-RECORD_FILE = "launch.json"
 
 
 @dataclass(kw_only=True)
@@ -298,7 +295,7 @@ def create_run_dir(job: Job) -> None:
     refuses what the checks could not foresee (e.g. a directory in /proc), a ConfigError
     naming ``base_results_dir``."""
     try:
-        (job.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (job.run_dir / LOGS_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         problem = Problem(
             "base_results_dir",

@@ -9,10 +9,11 @@ from typing import Any
 
 import yaml
 
+from adapter.layout import RECIPE_FILE
 from adapter.schema import ConfigError
 from launcher.backends import available, get_backend
 from launcher.backends.base import Artifacts, Backend, LaunchError
-from launcher.job import RECIPE_FILE, Job, create_run_dir, plan
+from launcher.job import Job, create_run_dir, plan
 from launcher.paths import reason
 from launcher.record import (
     RunLock,

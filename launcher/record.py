@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from adapter.layout import LOCK_FILE, RECORD_FILE
 from launcher.backends.base import LaunchError
-from launcher.job import RECORD_FILE
 
 
 def record_path(run_dir: Path) -> Path:
@@ -49,7 +49,6 @@ def read_record(run_dir: Path) -> dict[str, Any]:
 
 # --- the run dir's lock: one launch (and one local job) per run dir ------------------------
 
-LOCK_FILE = "launch.lock"
 CLAIM_RETRY_S = 0.25
 """How long a launch retries a busy lock: ``status`` holds it for microseconds to probe it."""
 

@@ -33,13 +33,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 from adapter.config import parse_time_limit
+from adapter.layout import RECIPE_FILE, TRAIN_SCRIPT
 from adapter.schema import Problem, bounded, nested, rule, warning
 from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError
 from launcher.instances import instance_spec
 from launcher.job import (
     GPU_INPUTS,
-    RECIPE_FILE,
-    TRAIN_SCRIPT,
     Job,
     Rendezvous,
     check_gpu_request,

@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapter.layout import LOGS_DIR, RECIPE_FILE, TRAIN_SCRIPT
 from adapter.lifetime import die_with_parent_hook
 from adapter.schema import Problem, rule
 from launcher import paths
 from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError, Resolved
-from launcher.job import RECIPE_FILE, TRAIN_SCRIPT, Job, Rendezvous, shell_exports
+from launcher.job import Job, Rendezvous, shell_exports
 
-LOG_FILE = "logs/train.log"
+LOG_FILE = f"{LOGS_DIR}/train.log"
 
 TRAIN_SH = """\
 #!/usr/bin/env bash

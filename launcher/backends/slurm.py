@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adapter.config import parse_time_limit
+from adapter.layout import LOGS_DIR, RECIPE_FILE, TRAIN_SCRIPT
 from adapter.schema import Problem, bounded, rule
 from launcher import paths
 from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError, Resolved
 from launcher.job import (
     GPU_INPUTS,
-    RECIPE_FILE,
-    TRAIN_SCRIPT,
     Job,
     Rendezvous,
     check_gpu_request,
@@ -40,7 +39,7 @@ from launcher.job import (
     wrapped,
 )
 
-LOG_PATTERN = "logs/%x-%j.out"
+LOG_PATTERN = f"{LOGS_DIR}/%x-%j.out"
 """Output and error of the job, relative to the run dir (``%x`` job name, ``%j`` job id)."""
 SUBMIT_TIMEOUT_S = 120
 QUERY_TIMEOUT_S = 30

@@ -45,14 +45,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adapter.config import parse_time_limit
+from adapter.layout import RECIPE_FILE, TRAIN_SCRIPT
+from adapter.layout import TENSORBOARD_DIR as EVENTS_DIR
 from adapter.metrics import EVAL_CE, EVAL_PPL, TOKENS_PER_SECOND, TRAIN_CE, TRAIN_PPL
 from adapter.schema import Problem, bounded, rule, suggest, warning
 from launcher import paths
 from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError, Resolved
 from launcher.instances import instance_spec, known_instance_types
 from launcher.job import (
-    RECIPE_FILE,
-    TRAIN_SCRIPT,
     Job,
     Rendezvous,
     job_env,
@@ -71,7 +71,7 @@ CODE_DIR = f"{CHANNEL_ROOT}/code"
 OUTPUT_DATA_DIR = "/opt/ml/output/data"
 CHECKPOINT_DIR = "/opt/ml/checkpoints"
 MODEL_DIR = "/opt/ml/model"
-TENSORBOARD_DIR = f"{OUTPUT_DATA_DIR}/tensorboard"
+TENSORBOARD_DIR = f"{OUTPUT_DATA_DIR}/{EVENTS_DIR}"
 """The adapter writes TensorBoard events to ``<exp_dir>/tensorboard``."""
 DATA_CHANNELS = {"train_dir": "train", "val_dir": "val"}
 """Recipe data keys → the channel each becomes."""
