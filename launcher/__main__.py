@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from launcher.backends import get_backend
-from launcher.backends.base import LaunchError
+from launcher.errors import LaunchError
 from launcher.record import read_record, update_record
 
 

@@ -12,9 +12,11 @@ import yaml
 from adapter.layout import RECIPE_FILE
 from adapter.schema import ConfigError
 from launcher.backends import available, get_backend
-from launcher.backends.base import Artifacts, Backend, LaunchError
-from launcher.job import Job, create_run_dir, plan
+from launcher.backends.base import Artifacts, Backend
+from launcher.errors import LaunchError
+from launcher.job import Job
 from launcher.paths import reason
+from launcher.planning import create_run_dir, plan
 from launcher.record import (
     RunLock,
     lock_holder,

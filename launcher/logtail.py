@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from launcher.backends.base import LaunchError
+from launcher.errors import LaunchError
 
 
 def print_file(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter.layout import LOCK_FILE, RECORD_FILE
-from launcher.backends.base import LaunchError
+from launcher.errors import LaunchError
 
 
 def record_path(run_dir: Path) -> Path:

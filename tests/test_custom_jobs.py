@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher.custom import CustomJob, node_command, parse_recipe
-from launcher.job import Rendezvous
+from launcher.rendezvous import Rendezvous
+from launcher.workloads import parse_workload
+from launcher.workloads.custom import CustomJob, node_command
 from tests.conftest import REPO, run_main
 from tests.test_recipes import BUCKET, CONTAINER, ROLE, dry_run
 
@@ -37,6 +38,13 @@ def custom(**script: Any) -> dict[str, Any]:
         "trainer": {"num_nodes": 2, "devices": 8, "accelerator": "gpu"},
         "script": {"entry_point": ENTRY, **script},
     }
+
+
+def parse_recipe(data: dict[str, Any]) -> tuple[Any, CustomJob | None, list[Any]]:
+    """The recipe as its ``kind`` parses it, the custom job (None for training), the problems."""
+    workload, parsed = parse_workload(data)
+    recipe = None if workload is None else workload.recipe
+    return recipe, (recipe if isinstance(recipe, CustomJob) else None), parsed.problems
 
 
 def problems(data: dict[str, Any]) -> list[str]:
@@ -207,7 +215,7 @@ def test_requirements_are_checked_where_this_python_runs_the_job(tmp_path: Path)
 
 
 def test_slurm_container_must_mount_the_code(tmp_path: Path) -> None:
-    from launcher.job import plan
+    from launcher.planning import plan
     from tests.test_recipes import compose
 
     job, _ = plan(compose(launch_overrides("slurm", tmp_path)))

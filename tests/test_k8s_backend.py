@@ -31,8 +31,9 @@ from adapter.schema import ConfigError, parse
 from launcher.__main__ import main as launcher_cli
 from launcher.backends.k8s import K8sBackend, K8sCluster, state_from_conditions
 from launcher.compose import compose_config as launcher_compose
-from launcher.job import Job, plan
+from launcher.job import Job
 from launcher.launch import launch
+from launcher.planning import plan
 from tests.conftest import check_reference
 from tests.services.k8s_emulator import (
     CONFIGMAPS,
@@ -373,7 +374,7 @@ def test_render_is_pure_and_imports_neither_kubernetes_nor_torch(tmp_path: Path)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     code = f"""
 import json, sys
-from launcher.job import plan
+from launcher.planning import plan
 job, backend = plan(json.load(open({str(tmp_path / "cfg.json")!r})))
 assert backend.render(job) == backend.render(job)
 heavy = sorted(m for m in ("kubernetes", "torch") if m in sys.modules)

@@ -11,7 +11,7 @@ import yaml
 
 from adapter.config import load_recipe
 from launcher.compose import compose_config
-from launcher.job import plan
+from launcher.planning import plan
 from tests.conftest import REPO, run_main
 
 # Tiny recipes run locally as shipped; the full-size ones are covered per cluster in
@@ -27,7 +27,7 @@ def composed(*overrides: str) -> dict:
 def test_every_tiny_recipe_composes_and_validates_locally(recipe: str, tmp_path: Path) -> None:
     job, backend = plan(composed(f"recipes={recipe}", f"base_results_dir={tmp_path}"))
     assert backend.type == "local"
-    assert job.run_dir == tmp_path / job.recipe.run.name
+    assert job.run_dir == tmp_path / job.workload.recipe.run.name
 
 
 def test_default_is_tiny_llama_on_local() -> None:

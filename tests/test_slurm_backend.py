@@ -25,11 +25,12 @@ from typing import Any
 import pytest
 
 from adapter.schema import ConfigError, parse
-from launcher.backends.base import LaunchError
 from launcher.backends.slurm import SlurmBackend, SlurmCluster
 from launcher.compose import compose_config
-from launcher.job import Job, plan
+from launcher.errors import LaunchError
+from launcher.job import Job
 from launcher.launch import write_artifacts
+from launcher.planning import plan
 from tests.conftest import check_reference
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,6 @@ import yaml
 from adapter.metrics import MetricsLogger
 from adapter.schema import ConfigError, parse
 from launcher.__main__ import main as launcher_cli
-from launcher.backends.base import LaunchError
 from launcher.backends.sm_jobs import (
     LOG_GROUP,
     REQUEST_FILE,
@@ -39,9 +38,11 @@ from launcher.backends.sm_jobs import (
     stop_job,
 )
 from launcher.compose import compose_config
+from launcher.errors import LaunchError
 from launcher.instances import instance_spec
-from launcher.job import Job, plan
+from launcher.job import Job
 from launcher.launch import launch
+from launcher.planning import plan
 from tests.conftest import check_reference
 from tests.services.moto_sagemaker import (
     REGION,
@@ -542,7 +543,7 @@ def test_render_is_pure_and_never_imports_the_sdk_with_a_container(tmp_path: Pat
     script = f"""
 import sys
 from launcher.compose import compose_config
-from launcher.job import plan
+from launcher.planning import plan
 cfg = compose_config({overrides!r})
 job, backend = plan(cfg)
 assert backend.render(job) == backend.render(job)

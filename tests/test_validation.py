@@ -20,9 +20,9 @@ import pytest
 
 from adapter.config import Recipe
 from adapter.schema import ConfigError, Problem, parse
-from launcher import custom as custom_jobs
 from launcher.compose import compose_config
-from launcher.job import Job, plan
+from launcher.job import Job
+from launcher.planning import plan, rules_for
 from tests.conftest import REPO, run_main
 
 ROLE = "arn:aws:iam::123456789012:role/RecipesTest"
@@ -214,7 +214,7 @@ def test_a_pretrained_model_of_another_type_is_not_checked(tmp_path: Path) -> No
         "recipes.model.model_type=qwen3",
         "recipes.model.hf_model_name_or_path=Qwen/Qwen3-0.6B",
     )
-    assert job.recipe.model.model_type == "qwen3"
+    assert job.workload.recipe.model.model_type == "qwen3"
 
 
 def test_family_names_have_one_torch_free_home() -> None:
@@ -346,12 +346,6 @@ def test_unparsable_override_is_named_with_the_forms(override: str, reason: str)
 # --- the contract: rules change nothing, render is a function of the job --------------------
 
 
-def all_rules(backend: object) -> list:
-    from launcher.job import LAUNCH_RULES, secret_rules
-
-    return [*custom_jobs.RULES, *LAUNCH_RULES, *secret_rules(backend), *backend.rules]
-
-
 @pytest.mark.parametrize("cluster", sorted(CLUSTER))
 def test_rules_return_problems_and_change_nothing(cluster: str, tmp_path: Path) -> None:
     """Run every rule again on the planned job: same problems, same job (the k8s mount and
@@ -360,7 +354,7 @@ def test_rules_return_problems_and_change_nothing(cluster: str, tmp_path: Path) 
 
     job, backend = planned(tmp_path, *CLUSTER[cluster], "recipes.trainer.precision=bf16")
     before = repr(job)
-    again = apply_rules(all_rules(backend), job)
+    again = apply_rules(rules_for(job, backend), job)
     assert all(isinstance(p, Problem) for p in again)
     assert [p for p in again if not p.is_error] == job.warnings
     assert repr(job) == before
@@ -439,7 +433,7 @@ def test_render_is_a_function_of_the_job(
 RENDER_WATCH = """
 import json, sys
 from launcher.compose import compose_config
-from launcher.job import plan
+from launcher.planning import plan
 
 job, backend = plan(compose_config(json.loads(sys.argv[1])))
 for name in [m for m in sys.modules if m.split(".")[0] == "sagemaker"]:

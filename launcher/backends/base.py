@@ -10,33 +10,24 @@
    no environment, no network, no SDK;
 4. ``submit/status/logs/cancel``: the I/O.
 
-A backend is registered once under its ``cluster.type`` (see ``launcher.backends``). Its
-cluster config is a dataclass (``cluster_schema``) validated by the same machinery as the
-recipe, so an unknown key or a bad value in ``recipes_collection/cluster/<name>.yaml`` is
-reported with its full key before anything is written.
+Every backend is a package of the same shape (``launcher/backends/<type>/``): ``config.py``
+(the cluster config dataclass and its ``Resolved``), ``rules.py`` (2, pure), ``render.py``
+(3, pure), ``client.py`` (1 and 4: everything that touches this machine or the cluster) and
+``__init__.py`` (the ``Backend`` subclass binding them). It is registered once under its
+``cluster.type`` (see ``launcher.backends``). Its cluster config is validated by the same
+machinery as the recipe, so an unknown key or a bad value in
+``recipes_collection/cluster/<name>.yaml`` is reported with its full key before anything is
+written. Everything a backend renders about what runs comes from the job's workload
+(``launcher.workloads.base.Workload``), never from the recipe's own sections.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from adapter.schema import Problem, apply_rules
-
-if TYPE_CHECKING:
-    from launcher.job import Job
-
-LaunchRule = Callable[["Job"], list[Problem]]
-"""A check of a planned job, marked with ``adapter.schema.rule(<full keys it reads>)``."""
-
-
-class LaunchError(Exception):
-    """A failure the user can act on (cluster unreachable, submission rejected).
-
-    ``main.py`` and ``python -m launcher`` print it without a traceback and exit nonzero.
-    """
+from adapter.layout import TRAIN_SCRIPT
+from launcher.job import ClusterConfig, Job, LaunchRule, Resolved
 
 
 @dataclass
@@ -52,29 +43,7 @@ class Artifacts:
     recipe: dict[str, Any]
     command: list[str]
     record: dict[str, Any] = field(default_factory=dict)
-    executable: tuple[str, ...] = ("train.sh",)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Resolved:
-    """What planning read from the launch machine for one job (``Backend.resolve``).
-
-    Backends subclass it with what their ``render`` needs; these fields are read by the
-    job itself, whatever the backend."""
-
-    launch_dir: str | None = None
-    """The directory ``main.py`` runs in, where local and Slurm jobs start; None elsewhere."""
-    local_gpu: bool = False
-    """This machine has an NVIDIA GPU (``nvidia-smi`` on PATH): the local backend's ranks
-    use it when ``trainer.accelerator`` is auto. False for the other backends."""
-
-
-@dataclass(kw_only=True)
-class ClusterConfig:
-    """Fields shared by every cluster config. Subclasses add their backend's settings."""
-
-    type: str
-    """Backend that runs the job: one of the registered types (local, slurm, k8s, sm_jobs)."""
+    executable: tuple[str, ...] = (TRAIN_SCRIPT,)
 
 
 class Backend:
@@ -86,7 +55,8 @@ class Backend:
     """The job runs under the launching process and ends with it (local): it is live exactly
     while the run dir's lock is held (``launcher.record.RunLock``), without asking a cluster."""
     rules: ClassVar[tuple[LaunchRule, ...]] = ()
-    """The backend's checks of a planned job (run after the shared ones of ``launcher.job``)."""
+    """The backend's checks of a planned job (run after the shared and the workload's ones:
+    ``launcher.planning.rules_for``)."""
     cluster_env: ClassVar[tuple[str, ...]] = ()
     """Environment maps of the cluster config (``cluster.<name>``) whose variables are
     rendered into a file like ``env_vars``: checked by the same secret policy."""
@@ -94,10 +64,6 @@ class Backend:
     def resolve(self, job: Job) -> Resolved:
         """Read from this machine what ``render`` needs; nothing is checked here."""
         return Resolved()
-
-    def validate(self, job: Job, failed: Collection[str] = ()) -> list[Problem]:
-        """The problems of ``rules`` that read none of the ``failed`` keys."""
-        return apply_rules(self.rules, job, failed)
 
     def secret_hint(self, job: Job, name: str) -> str:
         """For a variable ``name`` that looks like a secret: ``<the rendered file>; <how to
@@ -123,8 +89,3 @@ class Backend:
     def cancel(self, record: dict[str, Any]) -> dict[str, Any]:
         """Stop the job; return the fields to update in the launch record."""
         raise NotImplementedError
-
-
-def cluster_fields(cluster: ClusterConfig) -> dict[str, Any]:
-    """The cluster config as a plain dict (for launch records)."""
-    return dataclasses.asdict(cluster)

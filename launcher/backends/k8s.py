@@ -35,16 +35,14 @@ import yaml
 from adapter.config import parse_time_limit
 from adapter.layout import RECIPE_FILE, TRAIN_SCRIPT
 from adapter.schema import Problem, bounded, nested, rule, warning
-from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError
+from launcher.backends.base import Artifacts, Backend
+from launcher.checks import check_gpu_request
+from launcher.errors import LaunchError
 from launcher.instances import instance_spec
-from launcher.job import (
-    GPU_INPUTS,
-    Job,
-    Rendezvous,
-    check_gpu_request,
-    job_env,
-    wrapped,
-)
+from launcher.job import GPU_INPUTS, ClusterConfig, Job
+from launcher.rendezvous import static
+from launcher.shell import cd_line, wrapped
+from launcher.workloads import path_keys
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -512,8 +510,7 @@ def _job_name_problem(job: Job) -> str | None:
     "cluster.host_path_volumes",
     "cluster.persistent_volume_claims",
     "cluster.results_dir",
-    "recipes.model.data.train_dir",
-    "recipes.model.data.val_dir",
+    *path_keys("data"),
 )
 def _paths_are_mounted(job: Job) -> list[Problem]:
     """Paths the pods use that no volume provides (results lost, data not found)."""
@@ -533,13 +530,13 @@ def _paths_are_mounted(job: Job) -> list[Problem]:
                 "(cluster.persistent_volume_claims) or set results_dir under a mounted path",
             )
         )
-    data = job.recipe.model.data
-    for key, value in (("train_dir", data.train_dir), ("val_dir", data.val_dir)):
-        if value and value.startswith("/") and not mounted(value):
+    for data in (path for path in job.workload.inputs() if path.role == "data"):
+        if data.value and data.value.startswith("/") and not mounted(data.value):
             warnings.append(
                 warning(
-                    f"recipes.model.data.{key}",
-                    f"{value} is not on any volume of the pods; it must then be inside the image",
+                    data.key,
+                    f"{data.value} is not on any volume of the pods; it must then be inside "
+                    "the image",
                 )
             )
     return warnings
@@ -575,22 +572,13 @@ def pod_recipe(job: Job, cluster: K8sCluster) -> dict[str, Any]:
             return remote + value[len(local) :]
         return value
 
-    return move(job.recipe_dict())
+    return move(job.workload.recipe_dict())
 
 
 def node_command(job: Job) -> list[str]:
     """torchrun in one pod, at the rendezvous the training operator sets in the environment."""
-    args = [
-        f"--nnodes={job.num_nodes}",
-        f"--nproc_per_node={job.devices}",
-        '--node_rank="$RANK"',
-        '--master_addr="$MASTER_ADDR"',
-        '--master_port="$MASTER_PORT"',
-    ]
-    rdzv = Rendezvous(
-        tuple(args), node_rank="$RANK", master_addr="$MASTER_ADDR", master_port="$MASTER_PORT"
-    )
-    return job.node_command(rdzv, f"{RECIPE_MOUNT}/{RECIPE_FILE}")
+    rdzv = static(job.num_nodes, job.devices, "$RANK", "$MASTER_ADDR", "$MASTER_PORT")
+    return job.workload.node_command(rdzv, f"{RECIPE_MOUNT}/{RECIPE_FILE}")
 
 
 TRAIN_SH = """\
@@ -612,7 +600,7 @@ def render_train_sh(job: Job, cluster: K8sCluster) -> str:
         configmap=configmap_name(job),
         mount=RECIPE_MOUNT,
         nodes=job.num_nodes,
-        cd=job.cd_line(),
+        cd=cd_line(job.workdir),
         command=wrapped(node_command(job)),
     )
 
@@ -676,7 +664,7 @@ def container_resources(job: Job, cluster: K8sCluster) -> dict[str, Any]:
 
 def container_env(job: Job, cluster: K8sCluster) -> list[dict[str, Any]]:
     """Plain values (backend defaults, env_vars, cluster.env), then Secret references."""
-    plain = job_env(job) | cluster.env
+    plain = job.environment() | cluster.env
     env: list[dict[str, Any]] = [{"name": k, "value": str(v)} for k, v in sorted(plain.items())]
     for s in cluster.secret_env:
         ref: dict[str, Any] = {"name": s.secret, "key": s.key}
@@ -780,7 +768,7 @@ def pod_template(job: Job, cluster: K8sCluster) -> dict[str, Any]:
 def run_policy(job: Job, cluster: K8sCluster) -> dict[str, Any]:
     """Cleanup, retries, TTL, and ``run.time_limit`` as the active deadline."""
     policy: dict[str, Any] = {"cleanPodPolicy": cluster.clean_pod_policy}
-    deadline = parse_time_limit(job.recipe.run.time_limit)
+    deadline = parse_time_limit(job.workload.time_limit)
     if deadline:
         policy["activeDeadlineSeconds"] = deadline
     if cluster.backoff_limit is not None:

@@ -36,8 +36,11 @@ from adapter.layout import LOGS_DIR, RECIPE_FILE, TRAIN_SCRIPT
 from adapter.lifetime import die_with_parent_hook
 from adapter.schema import Problem, rule
 from launcher import paths
-from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError, Resolved
-from launcher.job import Job, Rendezvous, shell_exports
+from launcher.backends.base import Artifacts, Backend
+from launcher.errors import LaunchError
+from launcher.job import ClusterConfig, Job, Resolved
+from launcher.rendezvous import standalone
+from launcher.shell import cd_line, shell_exports
 
 LOG_FILE = f"{LOGS_DIR}/train.log"
 
@@ -94,6 +97,7 @@ class LocalBackend(Backend):
         return LocalResolved(
             launch_dir=paths.launch_dir(),
             local_gpu=shutil.which("nvidia-smi") is not None,
+            reads_launch_files=True,
             python=sys.executable,
             torchrun=_torchrun(job.cluster),
         )
@@ -107,22 +111,22 @@ class LocalBackend(Backend):
     def render(self, job: Job) -> Artifacts:
         resolved = _resolved(job)
         recipe_path = str(job.run_dir / RECIPE_FILE)
-        if job.devices == 1 and job.custom is None:
-            command = [resolved.python, "-m", "adapter.train", recipe_path]
-        else:
-            args = ["--standalone", f"--nproc_per_node={job.devices}"]
-            rdzv = Rendezvous(tuple(args))
-            command = job.node_command(rdzv, recipe_path, resolved.torchrun)
+        workload = job.workload
+        command = None
+        if job.devices == 1:  # one rank runs in this Python, without torchrun around it
+            command = workload.single_process_command(resolved.python, recipe_path)
+        if command is None:
+            command = workload.node_command(standalone(job.devices), recipe_path, resolved.torchrun)
         script = TRAIN_SH.format(
             name=job.name,
             script=job.run_dir / TRAIN_SCRIPT,
             exports=shell_exports(job.settings.env_vars),
-            cd=job.cd_line(),
+            cd=cd_line(job.workdir),
             command=" ".join(command),
         )
         return Artifacts(
             files={TRAIN_SCRIPT: script},
-            recipe=job.recipe_dict(),
+            recipe=workload.recipe_dict(),
             command=command,
             record={"log_file": str(job.run_dir / LOG_FILE)},
         )

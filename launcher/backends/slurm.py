@@ -28,16 +28,12 @@ from adapter.config import parse_time_limit
 from adapter.layout import LOGS_DIR, RECIPE_FILE, TRAIN_SCRIPT
 from adapter.schema import Problem, bounded, rule
 from launcher import paths
-from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError, Resolved
-from launcher.job import (
-    GPU_INPUTS,
-    Job,
-    Rendezvous,
-    check_gpu_request,
-    job_env,
-    shell_exports,
-    wrapped,
-)
+from launcher.backends.base import Artifacts, Backend
+from launcher.checks import check_gpu_request
+from launcher.errors import LaunchError
+from launcher.job import GPU_INPUTS, ClusterConfig, Job, Resolved
+from launcher.rendezvous import c10d
+from launcher.shell import cd_line, shell_exports, wrapped
 
 LOG_PATTERN = f"{LOGS_DIR}/%x-%j.out"
 """Output and error of the job, relative to the run dir (``%x`` job name, ``%j`` job id)."""
@@ -233,7 +229,11 @@ class SlurmBackend(Backend):
     rules = (_gpus_fit_ranks, _mounts_need_a_container)
 
     def resolve(self, job: Job) -> SlurmResolved:
-        return SlurmResolved(launch_dir=paths.launch_dir(), torchrun=_torchrun(job))
+        return SlurmResolved(
+            launch_dir=paths.launch_dir(),
+            reads_launch_files=not job.settings.container,
+            torchrun=_torchrun(job),
+        )
 
     def secret_hint(self, job: Job, name: str) -> str:
         return (
@@ -249,14 +249,14 @@ class SlurmBackend(Backend):
             TRAIN_SCRIPT: TRAIN_SH.format(
                 name=job.name,
                 sbatch_name=sbatch_name(job),
-                cd=job.cd_line(),
+                cd=cd_line(job.workdir),
                 command=wrapped(command),
             ),
         }
         record = {"sbatch_file": str(job.run_dir / sbatch_name(job)), "job_name": job_name(job)}
         return Artifacts(
             files=files,
-            recipe=job.recipe_dict(),
+            recipe=job.workload.recipe_dict(),
             command=command,
             record=record,
             executable=(TRAIN_SCRIPT, sbatch_name(job)),
@@ -320,7 +320,7 @@ def render_sbatch(job: Job, cluster: SlurmCluster) -> str:
         devices=job.devices,
         sbatch_path=job.run_dir / sbatch_name(job),
         directives="\n".join(f"#SBATCH {arg}" for arg in sbatch_directives(job, cluster)),
-        exports=shell_exports(job_env(job)),
+        exports=shell_exports(job.environment()),
         rdzv_port=rdzv_port(cluster),
         srun_args=" \\\n  ".join(srun_arguments(job, cluster)),
         train_script=shlex.quote(str(job.run_dir / TRAIN_SCRIPT)),
@@ -351,7 +351,7 @@ def sbatch_directives(job: Job, cluster: SlurmCluster) -> list[str]:
         f"--job-name={job_name(job)}",
         f"--nodes={job.num_nodes}",
         "--ntasks-per-node=1",
-        f"--time={cluster.time_limit or job.recipe.run.time_limit}",
+        f"--time={cluster.time_limit or job.workload.time_limit}",
         f"--output={log}",
         f"--error={log}",
         "--open-mode=append",
@@ -380,22 +380,15 @@ def srun_arguments(job: Job, cluster: SlurmCluster) -> list[str]:
 
 def node_command(job: Job, cluster: SlurmCluster) -> list[str]:
     """torchrun on one node: c10d rendezvous at $RDZV_ENDPOINT, run id = the Slurm job id."""
-    rdzv_args = [
-        f"--nnodes={job.num_nodes}",
-        f"--nproc_per_node={job.devices}",
-        "--rdzv_backend=c10d",
-        '--rdzv_endpoint="$RDZV_ENDPOINT"',
-        '--rdzv_id="$SLURM_JOB_ID"',
-        '--rdzv_conf=is_host="$((SLURM_NODEID == 0))"',
-    ]
-    recipe = shlex.quote(str(job.run_dir / RECIPE_FILE))
-    rdzv = Rendezvous(
-        tuple(rdzv_args),
-        node_rank="$SLURM_NODEID",
-        master_addr="${RDZV_ENDPOINT%:*}",
-        master_port="${RDZV_ENDPOINT##*:}",
+    rdzv = c10d(
+        job.num_nodes,
+        job.devices,
+        endpoint="RDZV_ENDPOINT",
+        run_id="SLURM_JOB_ID",
+        node_rank="SLURM_NODEID",
     )
-    return job.node_command(rdzv, recipe, _resolved(job).torchrun)
+    recipe = shlex.quote(str(job.run_dir / RECIPE_FILE))
+    return job.workload.node_command(rdzv, recipe, _resolved(job).torchrun)
 
 
 def gpus_per_node(job: Job, cluster: SlurmCluster) -> int:

@@ -50,14 +50,14 @@ from adapter.layout import TENSORBOARD_DIR as EVENTS_DIR
 from adapter.metrics import EVAL_CE, EVAL_PPL, TOKENS_PER_SECOND, TRAIN_CE, TRAIN_PPL
 from adapter.schema import Problem, bounded, rule, suggest, warning
 from launcher import paths
-from launcher.backends.base import Artifacts, Backend, ClusterConfig, LaunchError, Resolved
+from launcher.backends.base import Artifacts, Backend
+from launcher.errors import LaunchError
 from launcher.instances import instance_spec, known_instance_types
-from launcher.job import (
-    Job,
-    Rendezvous,
-    job_env,
-    wrapped,
-)
+from launcher.job import ClusterConfig, Job, Resolved
+from launcher.rendezvous import static
+from launcher.shell import wrapped
+from launcher.workloads import path_keys
+from launcher.workloads.base import InputPath
 
 REQUEST_FILE = "create_training_job.json"
 """The CreateTrainingJob request in the run dir (rendered; replaced by the sent one)."""
@@ -73,8 +73,9 @@ CHECKPOINT_DIR = "/opt/ml/checkpoints"
 MODEL_DIR = "/opt/ml/model"
 TENSORBOARD_DIR = f"{OUTPUT_DATA_DIR}/{EVENTS_DIR}"
 """The adapter writes TensorBoard events to ``<exp_dir>/tensorboard``."""
-DATA_CHANNELS = {"train_dir": "train", "val_dir": "val"}
-"""Recipe data keys → the channel each becomes."""
+FIXED_OUTPUTS = {"run": OUTPUT_DATA_DIR, "checkpoints": CHECKPOINT_DIR, "export": MODEL_DIR}
+"""Where the job's outputs go in the container, by role (``Workload.outputs``): what
+SageMaker uploads (output.tar.gz, checkpoint_s3_uri, model.tar.gz)."""
 SDK_CHANNELS = ("code", "sm_drivers")
 """Channels the SDK adds itself: the source dir and its driver scripts."""
 SDK_DRIVERS = f"{CHANNEL_ROOT}/sm_drivers/sm_train.sh"
@@ -100,16 +101,6 @@ METRICS = {
     "train:TokensPerSecond": TOKENS_PER_SECOND,
 }
 """SageMaker metric name → the adapter's log line prefix (``<prefix>: <float>``)."""
-
-DEFAULT_REQUIREMENTS = (
-    "transformers>=4.51,<6",
-    "safetensors>=0.4",
-    "tokenizers>=0.21",
-    "peft>=0.15",
-    "pyyaml>=6",
-)
-"""What the adapter needs beyond the PyTorch training image."""
-TENSORBOARD_REQUIREMENT = "tensorboard>=2.16"
 
 ROLE_ENV = ("SAGEMAKER_ROLE", "AWS_ROLE_ARN")
 """Environment variables the execution role is taken from when ``cluster.role`` is null."""
@@ -313,7 +304,7 @@ def _check_devices(job: Job, instance_type: str, gpus: int, accelerator: str) ->
                 f"{job.devices} GPU(s))",
             )
         ]
-    if not gpus and job.recipe.trainer.accelerator == "gpu":
+    if not gpus and job.workload.accelerator == "gpu":
         return [
             Problem(
                 "recipes.trainer.accelerator",
@@ -379,7 +370,7 @@ def _check_s3(job: Job) -> list[Problem]:
 
 @rule(
     "recipes.run.time_limit",
-    "recipes.exp_manager.create_tensorboard_logger",
+    *path_keys("tensorboard"),
     "cluster.max_run",
     "cluster.max_wait",
     "cluster.use_spot",
@@ -394,7 +385,7 @@ def _check_runtime(job: Job) -> list[Problem]:
         problems.append(
             Problem(
                 "recipes.run.time_limit",
-                f"{job.recipe.run.time_limit!r} is {seconds} s; SageMaker allows at most "
+                f"{job.workload.time_limit!r} is {seconds} s; SageMaker allows at most "
                 f"{MAX_RUN_LIMIT} s (28 days): lower it or set cluster.max_run",
             )
         )
@@ -417,17 +408,16 @@ def _check_runtime(job: Job) -> list[Problem]:
                 "cluster.use_spot=false",
             )
         )
-    if job.recipe.exp_manager.create_tensorboard_logger is False and (
-        cluster.tensorboard_output_path is not None
-    ):
-        problems.append(
-            Problem(
-                "cluster.tensorboard_output_path",
-                "set, but the adapter writes no TensorBoard events: pass "
-                "recipes.exp_manager.create_tensorboard_logger=true or remove it",
-            )
-        )
+    if cluster.tensorboard_output_path is not None and not job.workload.writes("tensorboard"):
+        problems.append(Problem("cluster.tensorboard_output_path", _no_tensorboard(job)))
     return problems
+
+
+def _no_tensorboard(job: Job) -> str:
+    switch = next((o.switch for o in job.workload.outputs() if o.role == "tensorboard"), None)
+    if switch is None:
+        return f"set, but a {job.workload.kind} job writes no TensorBoard events: remove it"
+    return f"set, but the adapter writes no TensorBoard events: pass {switch}=true or remove it"
 
 
 @rule("cluster.inputs", "cluster.subnets", "cluster.security_group_ids")
@@ -457,17 +447,13 @@ def _check_inputs(job: Job) -> list[Problem]:
     return problems
 
 
-@rule("recipes.model.data.train_dir", "recipes.model.data.val_dir", "cluster.inputs")
+@rule(*path_keys("data"), "cluster.inputs")
 def _check_data(job: Job) -> list[Problem]:
     """Each data path: ``s3://``, an existing local path, or a channel path of ``inputs``."""
     cluster = _cluster(job)
-    data = job.recipe.model.data
     problems = []
-    for key, channel in DATA_CHANNELS.items():
-        value = getattr(data, key)
-        full_key = f"recipes.model.data.{key}"
-        if value is None:
-            continue
+    for data in _data_inputs(job):
+        value, full_key, channel = data.value, data.key, data.name
         if value.startswith(f"{CHANNEL_ROOT}/"):
             name = value[len(CHANNEL_ROOT) + 1 :].split("/")[0]
             if name not in cluster.inputs:
@@ -500,33 +486,20 @@ def _check_data(job: Job) -> list[Problem]:
     return problems
 
 
-LOCAL_PATH_KEYS = (
-    "recipes.model.hf_model_name_or_path",
-    "recipes.model.tokenizer_name_or_path",
-    "recipes.exp_manager.resume_from_checkpoint",
-)
-
-
-@rule(*LOCAL_PATH_KEYS)
+@rule(*path_keys("pretrained", "checkpoint"))
 def _check_paths(job: Job) -> list[Problem]:
     """Paths on this machine that the training container can't see."""
-    model = job.recipe.model
-    values = (
-        model.hf_model_name_or_path,
-        model.tokenizer_name_or_path,
-        job.recipe.exp_manager.resume_from_checkpoint,
-    )
     return [
         Problem(
-            key,
-            f"{value!r} is a path on this machine, which the training job can't see: upload "
-            f"it to S3, add it as cluster.inputs.<name>=s3://... and set "
-            f"{key}={CHANNEL_ROOT}/<name>",
+            path.key,
+            f"{path.value!r} is a path on this machine, which the training job can't see: "
+            f"upload it to S3, add it as cluster.inputs.<name>=s3://... and set "
+            f"{path.key}={CHANNEL_ROOT}/<name>",
         )
-        for key, value in zip(LOCAL_PATH_KEYS, values, strict=True)
-        if value is not None
-        and not value.startswith("/opt/ml/")
-        and (value.startswith(("/", ".", "~")) or not paths.unusable(value))
+        for path in job.workload.inputs()
+        if path.role in ("pretrained", "checkpoint")
+        and not path.value.startswith("/opt/ml/")
+        and (path.value.startswith(("/", ".", "~")) or not paths.unusable(path.value))
     ]
 
 
@@ -568,32 +541,24 @@ def _image_is_known(job: Job) -> list[Problem]:
     return [resolved.image_problem] if resolved.image_problem else []
 
 
-@rule(
-    "recipes.exp_manager.checkpoint_dir",
-    "recipes.exp_manager.export_full_model",
-)
+@rule(*path_keys("checkpoints", "export"))
 def _layout_replaces_paths(job: Job) -> list[Problem]:
     """Recipe paths that SageMaker's fixed layout replaces, and a model.tar.gz left empty."""
-    exp = job.recipe.exp_manager
-    fixed = {
-        "recipes.exp_manager.checkpoint_dir": (exp.checkpoint_dir, CHECKPOINT_DIR),
-        "recipes.exp_manager.export_full_model.output_dir": (
-            exp.export_full_model.output_dir,
-            MODEL_DIR,
-        ),
-    }
+    outputs = [o for o in job.workload.outputs() if o.role in ("checkpoints", "export")]
     warnings = [
-        warning(key, f"{value!r} is replaced by {path} on SageMaker (what it syncs to S3)")
-        for key, (value, path) in fixed.items()
-        if value is not None and value != path
-    ]
-    if not exp.export_full_model.save_last:
-        warnings.append(
-            warning(
-                "recipes.exp_manager.export_full_model.save_last",
-                "false, so the job's model.tar.gz (/opt/ml/model) will hold no model",
-            )
+        warning(
+            o.key,
+            f"{o.value!r} is replaced by {FIXED_OUTPUTS[o.role]} on SageMaker (what it syncs "
+            "to S3)",
         )
+        for o in outputs
+        if o.key is not None and o.value is not None and o.value != FIXED_OUTPUTS[o.role]
+    ]
+    warnings += [
+        warning(o.switch, f"false, so the job's model.tar.gz ({MODEL_DIR}) will hold no model")
+        for o in outputs
+        if o.role == "export" and o.switch is not None and not o.written
+    ]
     return warnings
 
 
@@ -765,7 +730,7 @@ def max_run(job: Job) -> int:
     cluster = _cluster(job)
     if cluster.max_run is not None:
         return cluster.max_run
-    return parse_time_limit(job.recipe.run.time_limit) or 0
+    return parse_time_limit(job.workload.time_limit) or 0
 
 
 def max_wait(job: Job) -> int | None:
@@ -783,19 +748,22 @@ def _staging(job: Job) -> str:
     return (_cluster(job).output_path or "").rstrip("/")
 
 
+def _data_inputs(job: Job) -> list[InputPath]:
+    """The workload's data paths; each is its own channel (named as the path: train, val)."""
+    return [path for path in job.workload.inputs() if path.role == "data"]
+
+
 def data_channels(job: Job) -> list[ChannelSpec]:
     """``train``/``val`` channels for recipe data that is not already a channel path."""
-    data = job.recipe.model.data
     channels = []
-    for key, name in DATA_CHANNELS.items():
-        value = getattr(data, key)
-        if value is None or value.startswith(f"{CHANNEL_ROOT}/"):
+    for data in _data_inputs(job):
+        if data.value.startswith(f"{CHANNEL_ROOT}/"):
             continue
-        if value.startswith("s3://"):
-            channels.append(ChannelSpec(name, source=value))
+        if data.value.startswith("s3://"):
+            channels.append(ChannelSpec(data.name, source=data.value))
             continue
-        source = paths.absolute(value) or Path(value)
-        channels.append(ChannelSpec(name, source=str(source), directory=paths.is_dir(source)))
+        source = paths.absolute(data.value) or Path(data.value)
+        channels.append(ChannelSpec(data.name, str(source), directory=paths.is_dir(source)))
     return channels
 
 
@@ -811,17 +779,13 @@ def input_channels(job: Job) -> list[ChannelSpec]:
 
 def job_environment(job: Job) -> dict[str, str]:
     """Container environment: base/GPU/EFA defaults, ``env_vars``, then ``cluster.environment``."""
-    return job_env(job) | dict(_cluster(job).environment)
+    return job.environment() | dict(_cluster(job).environment)
 
 
 def job_requirements(job: Job) -> list[str]:
+    """``cluster.requirements``, else what the workload's code needs beyond PyTorch."""
     requirements = _cluster(job).requirements
-    if requirements is not None:
-        return list(requirements)
-    if job.custom is not None:
-        return list(job.custom.script.requirements)
-    extra = [TENSORBOARD_REQUIREMENT] if job.recipe.exp_manager.create_tensorboard_logger else []
-    return [*DEFAULT_REQUIREMENTS, *extra]
+    return list(requirements) if requirements is not None else job.workload.requirements()
 
 
 def job_spec(job: Job) -> JobSpec:
@@ -830,7 +794,7 @@ def job_spec(job: Job) -> JobSpec:
     resolved = _resolved(job)
     prefix = run_prefix(job)
     tensorboard = None
-    if job.recipe.exp_manager.create_tensorboard_logger:
+    if job.workload.writes("tensorboard"):
         tensorboard = cluster.tensorboard_output_path or f"{prefix}/tensorboard"
     return JobSpec(
         base_job_name=base_job_name(job),
@@ -853,7 +817,7 @@ def job_spec(job: Job) -> JobSpec:
         security_group_ids=tuple(cluster.security_group_ids),
         tags=tuple(cluster.tags.items()),
         environment=tuple(sorted(job_environment(job).items())),
-        source_dir=job.custom.script.source_dir if job.custom else None,
+        source_dir=job.workload.source_dir,
     )
 
 
@@ -914,19 +878,15 @@ def _pytorch_image(region: str, version: str, py_version: str, instance_type: st
 
 def sm_recipe(job: Job) -> dict[str, Any]:
     """The resolved recipe with data, experiment, checkpoint and export paths under /opt/ml."""
-    recipe = job.recipe_dict()
-    if job.custom is not None:
-        return recipe
-    data = recipe["model"]["data"]
-    for key, name in DATA_CHANNELS.items():
-        value = data[key]
-        if value is not None and not value.startswith(f"{CHANNEL_ROOT}/"):
-            data[key] = f"{CHANNEL_ROOT}/{name}"
-    exp = recipe["exp_manager"]
-    exp["exp_dir"] = OUTPUT_DATA_DIR
-    exp["checkpoint_dir"] = CHECKPOINT_DIR
-    exp["export_full_model"]["output_dir"] = MODEL_DIR
-    return recipe
+    moved = {
+        data.key: f"{CHANNEL_ROOT}/{data.name}"
+        for data in _data_inputs(job)
+        if not data.value.startswith(f"{CHANNEL_ROOT}/")
+    }
+    for output in job.workload.outputs():
+        if output.key is not None and output.role in FIXED_OUTPUTS:
+            moved[output.key] = FIXED_OUTPUTS[output.role]
+    return job.workload.recipe_dict(moved)
 
 
 def metric_definitions() -> list[dict[str, str]]:
@@ -950,20 +910,14 @@ exec {command}
 
 def node_command(job: Job) -> list[str]:
     """torchrun on one instance, rendezvous at the first instance (algo-1)."""
-    args = [
-        f"--nnodes={job.num_nodes}",
-        f"--nproc_per_node={job.devices}",
-        '--node_rank="${SM_CURRENT_HOST_RANK:-0}"',
-        '--master_addr="${SM_MASTER_ADDR:-localhost}"',
-        '--master_port="${SM_MASTER_PORT:-7777}"',
-    ]
-    rdzv = Rendezvous(
-        tuple(args),
+    rdzv = static(
+        job.num_nodes,
+        job.devices,
         node_rank="${SM_CURRENT_HOST_RANK:-0}",
         master_addr="${SM_MASTER_ADDR:-localhost}",
         master_port="${SM_MASTER_PORT:-7777}",
     )
-    return job.node_command(rdzv, f"{CODE_DIR}/{RECIPE_FILE}")
+    return job.workload.node_command(rdzv, f"{CODE_DIR}/{RECIPE_FILE}")
 
 
 def render_train_sh(job: Job) -> str:

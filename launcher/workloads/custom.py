@@ -11,12 +11,12 @@ training mode), from a recipe that says ``kind: custom``::
       args: [train/yamls/finetune/mpt-7b_dolly_sft.yaml]
       requirements: [llm-foundry>=0.10]
 
-``kind`` is the recipe's explicit discriminator: absent or ``train``, the recipe is the
-adapter's (``adapter/config.py``); ``custom``, it is a :class:`CustomJob`. The cluster
-configs are the same for both: a backend hands its rendezvous to ``Job.node_command``,
-which starts the adapter, or this entry point under its launcher, in ``Job.cd_line()``'s
-directory. Validated at launch with everything else: the schema here, then the checks that
-depend on the cluster (:data:`RULES`).
+``kind`` is the recipe's explicit discriminator (``launcher.workloads``): ``custom`` makes
+the recipe a :class:`CustomJob`, run as a :class:`CustomWorkload`. The cluster configs are
+the same as for training: a backend hands its rendezvous to ``CustomWorkload.node_command``,
+which starts this entry point under its launcher, in ``CustomWorkload.workdir``. Validated
+at launch with everything else: the schema here, then the checks that depend on the cluster
+(``CustomWorkload.rules``).
 """
 
 from __future__ import annotations
@@ -27,19 +27,17 @@ import re
 import shlex
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, ClassVar, Literal
 
-from adapter.config import Recipe, RunConfig, TrainerConfig
-from adapter.schema import Parsed, Problem, bounded, nested, parse_partial, rule, suggest, warning
+from adapter.config import RunConfig
+from adapter.schema import Parsed, Problem, bounded, nested, parse_partial, rule, to_dict, warning
 from launcher import paths
-
-if TYPE_CHECKING:
-    from launcher.job import Job, Rendezvous
-
-KINDS = ("train", "custom")
-"""Values of a recipe's ``kind``: ``train`` (the default) is the adapter's recipe."""
+from launcher.job import Job
+from launcher.rendezvous import Rendezvous
+from launcher.workloads.base import Workload, WorkloadRule
 
 Launcher = Literal["torchrun", "composer", "deepspeed"]
 
@@ -166,48 +164,6 @@ class CustomJob:
         return _check_requirements(self.script)
 
 
-# --- the recipe kind --------------------------------------------------------------------
-
-
-def parse_recipe(data: Any) -> tuple[Recipe | None, CustomJob | None, list[Problem]]:
-    """The recipe ``data`` as its ``kind`` says: (recipe, None) for the adapter's recipes,
-    (the recipe backends read for run and trainer, the custom job) for ``kind: custom``;
-    then every problem (see :func:`read_recipe`)."""
-    recipe, custom, parsed = read_recipe(data)
-    return recipe, custom, parsed.problems
-
-
-def read_recipe(data: Any) -> tuple[Recipe | None, CustomJob | None, Parsed]:
-    """Like :func:`parse_recipe`, with the parse itself: the keys that failed, for the rules
-    of the launch to skip; the instances are built even then (defaults for failed keys)."""
-    kind = data.get("kind", "train") if isinstance(data, dict) else "train"
-    if kind == "train":
-        rest = {k: v for k, v in data.items() if k != "kind"} if isinstance(data, dict) else data
-        parsed = parse_partial(Recipe, rest, "recipes")
-        return parsed.instance, None, parsed
-    if kind == "custom":
-        parsed = parse_partial(CustomJob, data, "recipes")
-        custom = parsed.instance
-        return (None if custom is None else shared_recipe(custom)), custom, parsed
-    message = (
-        f"got {kind!r}{suggest(str(kind), KINDS)}; allowed values: 'train' (the default), 'custom'"
-    )
-    return None, None, Parsed(None, [Problem("recipes.kind", message)], frozenset({"recipes.kind"}))
-
-
-def shared_recipe(custom: CustomJob) -> Recipe:
-    """What every backend reads from a recipe (run, nodes, devices, accelerator) for a custom
-    job; the adapter's own sections keep their defaults (no data, no checkpoints)."""
-    trainer = TrainerConfig(
-        devices=custom.trainer.devices,
-        num_nodes=custom.trainer.num_nodes,
-        accelerator=custom.trainer.accelerator,
-        precision="32",
-        max_steps=0,
-    )
-    return Recipe(run=custom.run, trainer=trainer)
-
-
 # --- the per-node command -----------------------------------------------------------------
 
 
@@ -245,15 +201,15 @@ def composer_flags(custom: CustomJob, rdzv: Rendezvous) -> list[str]:
     ]
 
 
-def workdir(job: Job) -> str | None:
+def workdir(custom: CustomJob, cluster_type: str, launch_dir: str | None) -> str | None:
     """Where the per-node command runs: ``source_dir`` (absolute: :func:`with_absolute_source`),
     the launch directory on local/slurm, the staged source on sm_jobs (already the working
     directory there), the image's working directory on k8s."""
-    if job.custom is None or job.cluster.type == "sm_jobs":
+    if cluster_type == "sm_jobs":
         return None
-    source = job.custom.script.source_dir
-    if source is None and job.cluster.type in CHECKED_HERE:
-        return job.resolved.launch_dir
+    source = custom.script.source_dir
+    if source is None and cluster_type in CHECKED_HERE:
+        return launch_dir
     return source
 
 
@@ -339,7 +295,7 @@ def _check_requirements(script: ScriptConfig) -> list[Problem]:
     return problems
 
 
-# --- checks that depend on the cluster --------------------------------------------------
+# --- checks that depend on the cluster (CustomWorkload.rules) -----------------------------
 
 SCRIPT = "recipes.script"
 
@@ -347,9 +303,9 @@ SCRIPT = "recipes.script"
 @rule(f"{SCRIPT}.source_dir")
 def _code_is_a_pod_path(job: Job) -> list[Problem]:
     """On k8s the code is in the pods (image or volume): an absolute path there, or null."""
-    if job.custom is None or job.cluster.type != "k8s":
+    if job.cluster.type != "k8s":
         return []
-    source = job.custom.script.source_dir
+    source = _custom(job).script.source_dir
     if source is None or source.startswith("/"):
         return []
     return [
@@ -364,13 +320,14 @@ def _code_is_a_pod_path(job: Job) -> list[Problem]:
 @rule(f"{SCRIPT}.source_dir", f"{SCRIPT}.entry_point")
 def _code_to_upload(job: Job) -> list[Problem]:
     """sm_jobs uploads the code: it needs the directory."""
-    if job.custom is None or job.cluster.type != "sm_jobs" or job.custom.script.source_dir:
+    script = _custom(job).script
+    if job.cluster.type != "sm_jobs" or script.source_dir:
         return []
     return [
         Problem(
             f"{SCRIPT}.source_dir",
             "is required for cluster=sm_jobs, which uploads the code: set it to the "
-            f"directory holding {job.custom.script.entry_point}",
+            f"directory holding {script.entry_point}",
         )
     ]
 
@@ -378,9 +335,9 @@ def _code_to_upload(job: Job) -> list[Problem]:
 @rule(f"{SCRIPT}.source_dir", f"{SCRIPT}.entry_point", f"{SCRIPT}.module")
 def _code_is_here(job: Job) -> list[Problem]:
     """Where this machine reads the code (local, slurm, sm_jobs' upload), it exists."""
-    if job.custom is None or job.cluster.type == "k8s":
+    if job.cluster.type == "k8s":
         return []
-    script = job.custom.script
+    script = _custom(job).script
     if job.cluster.type == "sm_jobs" and script.source_dir is None:
         return []  # _code_to_upload
     return _check_source(script, job.cluster.type, job.resolved.launch_dir)
@@ -389,9 +346,9 @@ def _code_is_here(job: Job) -> list[Problem]:
 @rule(f"{SCRIPT}.requirements", f"{SCRIPT}.launcher", "container")
 def _installed_here(job: Job) -> list[Problem]:
     """Local and bare-metal Slurm jobs run in this Python: it has what the script needs."""
-    if job.custom is None or not job.reads_launch_files:
+    if not job.reads_launch_files:
         return []
-    return _check_installed(job.custom.script, job.cluster.type == "local")
+    return _check_installed(_custom(job).script, job.cluster.type == "local")
 
 
 @rule(
@@ -405,11 +362,12 @@ def _installed_here(job: Job) -> list[Problem]:
 )
 def _code_is_mounted(job: Job) -> list[Problem]:
     """A Slurm job's container sees the code directory only through a mount (pyxis)."""
-    if job.custom is None or job.cluster.type != "slurm" or not job.settings.container:
+    if job.cluster.type != "slurm" or not job.settings.container:
         return []
-    if _check_source(job.custom.script, job.cluster.type, job.resolved.launch_dir):
+    if _check_source(_custom(job).script, job.cluster.type, job.resolved.launch_dir):
         return []  # _code_is_here reports it
-    directory = workdir(job) or ""
+    directory = job.workdir or ""
+    # The Slurm cluster config's pyxis mounts (``src:dst[:flags]``).
     mounts = [m.split(":")[1] for m in getattr(job.cluster, "container_mounts", []) if ":" in m]
     mounts += [str(job.run_dir)]
     if any(directory == m or directory.startswith(m.rstrip("/") + "/") for m in mounts):
@@ -424,8 +382,19 @@ def _code_is_mounted(job: Job) -> list[Problem]:
     ]
 
 
-RULES = (_code_is_a_pod_path, _code_to_upload, _code_is_here, _installed_here, _code_is_mounted)
-"""A custom job's checks on its cluster (none for a training recipe)."""
+RULES: tuple[WorkloadRule, ...] = (
+    _code_is_a_pod_path,
+    _code_to_upload,
+    _code_is_here,
+    _installed_here,
+    _code_is_mounted,
+)
+"""A custom job's checks on its cluster."""
+
+
+def _custom(job: Job) -> CustomJob:
+    assert isinstance(job.workload, CustomWorkload), "a rule of custom jobs"
+    return job.workload.recipe
 
 
 def _check_source(script: ScriptConfig, cluster_type: str, launch_dir: str | None) -> list[Problem]:
@@ -509,3 +478,66 @@ def _check_installed(script: ScriptConfig, local: bool) -> list[Problem]:
 def _on_path(executable: str) -> bool:
     beside_python = Path(sys.executable).parent / executable
     return beside_python.exists() or shutil.which(executable) is not None
+
+
+# --- the workload -------------------------------------------------------------------------
+
+
+@dataclass
+class CustomWorkload(Workload):
+    """A recipe of ``kind: custom``: the user's entry point under its launcher on every node,
+    in its code directory."""
+
+    recipe: CustomJob
+    """The parsed recipe."""
+
+    kind: ClassVar[str] = "custom"
+    rules: ClassVar[tuple[WorkloadRule, ...]] = RULES
+
+    @classmethod
+    def parse(cls, data: Any) -> tuple[CustomWorkload | None, Parsed]:
+        parsed = parse_partial(CustomJob, data, "recipes")
+        return (None if parsed.instance is None else cls(parsed.instance)), parsed
+
+    def bind(self, run_dir: Path, cluster_type: str) -> CustomWorkload:
+        """The code directory made absolute where this machine reads it."""
+        return CustomWorkload(with_absolute_source(self.recipe, cluster_type))
+
+    @property
+    def name(self) -> str:
+        return self.recipe.run.name
+
+    @property
+    def time_limit(self) -> str:
+        return self.recipe.run.time_limit
+
+    @property
+    def num_nodes(self) -> int:
+        return self.recipe.trainer.num_nodes
+
+    @property
+    def devices(self) -> int:
+        return self.recipe.trainer.devices
+
+    @property
+    def accelerator(self) -> str:
+        return self.recipe.trainer.accelerator
+
+    def recipe_dict(self, moved: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The recipe as given, defaults filled in (it sets no paths a backend moves)."""
+        return to_dict(self.recipe)
+
+    def node_command(
+        self, rdzv: Rendezvous, recipe_path: str, torchrun: str = "torchrun"
+    ) -> list[str]:
+        return node_command(self.recipe, rdzv, torchrun)
+
+    def workdir(self, cluster_type: str, launch_dir: str | None) -> str | None:
+        return workdir(self.recipe, cluster_type, launch_dir)
+
+    @property
+    def source_dir(self) -> str | None:
+        return self.recipe.script.source_dir
+
+    def requirements(self) -> list[str]:
+        return list(self.recipe.script.requirements)
