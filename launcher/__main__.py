@@ -31,19 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         record = read_record(args.run_dir)
-        backend = get_backend(record["backend"])
+        backend = get_backend(record.backend)
         if args.action == "status":
             status = backend.status(record)
             if args.json:
-                print(json.dumps(status, sort_keys=True))
+                print(json.dumps(status.to_json(), sort_keys=True))
             else:
-                details = " ".join(f"{k}={v}" for k, v in status.items() if k != "state")
-                print(f"{record['run_name']}: {status['state']} {details}".rstrip())
+                details = " ".join(f"{k}={v}" for k, v in status.details.items())
+                print(f"{record.run_name}: {status.state} {details}".rstrip())
         elif args.action == "logs":
             backend.logs(record, follow=args.follow, tail=args.tail)
         else:
             update_record(args.run_dir, **backend.cancel(record))
-            print(f"{record['run_name']}: cancelled")
+            print(f"{record.run_name}: cancelled")
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -18,6 +18,8 @@ from launcher.job import Job
 from launcher.paths import reason
 from launcher.planning import create_run_dir, plan
 from launcher.record import (
+    LaunchRecord,
+    Resources,
     RunLock,
     lock_holder,
     read_record,
@@ -50,10 +52,6 @@ def launch(cfg: dict[str, Any]) -> int:
         return 1
 
 
-LIVE_STATES = {"PENDING", "RUNNING"}
-"""States of a job that may still write into its run dir."""
-
-
 def claim_run_dir(job: Job) -> RunLock:
     """Make this launch the only writer of its run dir, before anything is written.
 
@@ -79,9 +77,9 @@ def running_launch(run_dir: Path) -> str:
     """The launch holding the run dir's lock, in words."""
     holder = lock_holder(run_dir)
     launcher = f"launcher pid {holder}" if holder else "launcher pid unknown"
-    record = read_record(run_dir) if record_path(run_dir).is_file() else {}
-    if holder and record.get("launcher_pid") == holder and record.get("pid"):
-        return f"its {record['backend']} job is running ({launcher}, job pid {record['pid']})"
+    record = read_record(run_dir) if record_path(run_dir).is_file() else None
+    if holder and record and record.launcher_pid == holder and record.pid:
+        return f"its {record.backend} job is running ({launcher}, job pid {record.pid})"
     return f"another launch of it is in progress ({launcher})"
 
 
@@ -90,24 +88,24 @@ def refuse_if_job_live(job: Job) -> None:
     if not record_path(job.run_dir).is_file():
         return
     record = read_record(job.run_dir)
-    if not record.get("submitted") or record.get("backend") not in available():
+    if not record.submitted or record.backend not in available():
         return
-    backend = get_backend(record["backend"])
+    backend = get_backend(record.backend)
     if backend.foreground:  # lived under a launcher, whose lock is free now: it has ended
         return
-    job_id = record.get("job_id") or record.get("job_name") or "?"
+    job_id = record.job_id or record.job_name or "?"
     try:
         status = backend.status(record)
     except LaunchError as exc:
         raise busy_run_dir(
             job,
-            f"its earlier {record['backend']} job {job_id} may still be queued or running: "
+            f"its earlier {record.backend} job {job_id} may still be queued or running: "
             f"it could not be verified ({exc})",
             unverified=True,
         ) from None
-    if status["state"] in LIVE_STATES:
-        job_id = status.get("job_id") or status.get("job_name") or job_id
-        raise busy_run_dir(job, f"{record['backend']} job {job_id} is {status['state']}")
+    if status.state.live:
+        job_id = status.details.get("job_id") or status.details.get("job_name") or job_id
+        raise busy_run_dir(job, f"{record.backend} job {job_id} is {status.state}")
 
 
 def busy_run_dir(job: Job, what: str, unverified: bool = False) -> LaunchError:
@@ -149,37 +147,35 @@ def dump_yaml(data: dict[str, Any]) -> str:
     )
 
 
-def initial_record(job: Job, artifacts: Artifacts) -> dict[str, Any]:
-    return {
-        "backend": job.cluster.type,
-        "run_name": job.name,
-        "run_dir": str(job.run_dir),
-        "command": artifacts.command,
-        "resources": {
-            "num_nodes": job.num_nodes,
-            "devices": job.devices,
-            "instance_type": job.settings.instance_type,
-            "container": job.settings.container,
-            "gpu": job.uses_gpu,
-        },
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "dry_run": job.settings.dry_run,
-        "submitted": False,
-        **artifacts.record,
-    }
+def initial_record(job: Job, artifacts: Artifacts) -> LaunchRecord:
+    record = LaunchRecord(
+        backend=job.cluster.type,
+        run_name=job.name,
+        run_dir=str(job.run_dir),
+        command=artifacts.command,
+        resources=Resources(
+            num_nodes=job.num_nodes,
+            devices=job.devices,
+            instance_type=job.settings.instance_type,
+            container=job.settings.container,
+            gpu=job.uses_gpu,
+        ),
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        dry_run=job.settings.dry_run,
+    )
+    return record.updated(artifacts.record)
 
 
 def submit(job: Job, backend: Backend, artifacts: Artifacts) -> int:
-    fields = backend.submit(job, artifacts)
-    record = update_record(job.run_dir, **{"submitted": True, **fields})
-    exit_code = record.get("exit_code")
-    if not record["submitted"]:
+    changes = backend.submit(job, artifacts)
+    record = update_record(job.run_dir, **{"submitted": True, **changes})
+    if not record.submitted:
         return 0
-    if exit_code is None:
-        print(f"submitted {record.get('job_id', job.name)}; results: {job.run_dir}")
+    if record.exit_code is None:
+        print(f"submitted {record.job_id or job.name}; results: {job.run_dir}")
         print(f"  status: python -m launcher status {job.run_dir}")
         return 0
-    return int(exit_code)
+    return int(record.exit_code)
 
 
 def print_dry_run(job: Job, artifacts: Artifacts) -> None:

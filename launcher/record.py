@@ -3,38 +3,130 @@ and the run dir's lock (``<run dir>/launch.lock``) that keeps two launches out o
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adapter.layout import LOCK_FILE, RECORD_FILE
 from launcher.errors import LaunchError
+from launcher.state import JobState
+
+
+@dataclass(kw_only=True)
+class Resources:
+    """What the job asked for, as launched."""
+
+    num_nodes: int
+    devices: int
+    """Processes per node."""
+    instance_type: str | None = None
+    container: str | None = None
+    gpu: bool = False
+    """The ranks run on GPUs."""
+
+
+@dataclass(kw_only=True)
+class LaunchRecord:
+    """What a launch wrote about its job: what it rendered, where the job runs, how it went.
+
+    Written when the job is rendered and updated by the backend as it submits, follows and
+    cancels it. In ``launch.json`` it is one flat JSON object: these fields (those still
+    unset left out) and the backend's own ``details`` beside them (a Kubernetes namespace,
+    a SageMaker region, a local job's start time...)."""
+
+    backend: str
+    """The ``cluster.type`` that runs the job."""
+    run_name: str
+    run_dir: str
+    command: list[str] = field(default_factory=list)
+    """The per-node command, as rendered."""
+    resources: Resources | None = None
+    created_at: str = ""
+    """When the launch rendered the job (local time, ISO 8601)."""
+    dry_run: bool = False
+    submitted: bool = False
+    """The job was handed to its backend (False after a dry run or a rendered-only file)."""
+    state: JobState | None = None
+    """The last state the launcher recorded (a local job's outcome, a cancellation); the
+    backend's ``status`` asks the cluster for the current one."""
+    job_id: str | None = None
+    """The cluster's id of the job (Slurm job id, ``<namespace>/<name>``, SageMaker name)."""
+    job_name: str | None = None
+    """The job's name on the cluster."""
+    exit_code: int | None = None
+    """Set when the launcher saw the job end (local, ``cluster.wait``): ``main.py``'s exit."""
+    log_file: str | None = None
+    """The job's log on this machine's file system (local, Slurm)."""
+    pid: int | None = None
+    """A foreground job's first process."""
+    launcher_pid: int | None = None
+    """The launcher a foreground job runs under (it holds the run dir's lock meanwhile)."""
+    submitted_at: float | None = None
+    cancelled_at: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    """The backend's own fields (JSON values), kept as they are."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as ``launch.json`` holds it."""
+        data: dict[str, Any] = dict(self.details)
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if spec.name == "details" or (value is None and spec.default is None):
+                continue
+            if isinstance(value, Resources):
+                value = dataclasses.asdict(value)
+            data[spec.name] = value.value if isinstance(value, JobState) else value
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "the launch record") -> LaunchRecord:
+        """The record of a ``launch.json`` object; a LaunchError names what it lacks."""
+        missing = [name for name in ("backend", "run_name", "run_dir") if name not in data]
+        if missing:
+            raise LaunchError(f"{source} has no {missing[0]!r}: it was not written by main.py")
+        typed = {spec.name for spec in dataclasses.fields(cls)} - {"details"}
+        fields = {k: v for k, v in data.items() if k in typed}
+        if fields.get("state") is not None:
+            fields["state"] = JobState.of(fields["state"])
+        if isinstance(fields.get("resources"), Mapping):
+            known = {spec.name for spec in dataclasses.fields(Resources)}
+            fields["resources"] = Resources(
+                **{k: v for k, v in fields["resources"].items() if k in known}
+            )
+        details = {k: v for k, v in data.items() if k not in typed}
+        return cls(**fields, details=details)
+
+    def updated(self, changes: Mapping[str, Any]) -> LaunchRecord:
+        """A copy with ``changes`` (field or detail name → new value) applied."""
+        return LaunchRecord.from_json({**self.to_json(), **changes})
 
 
 def record_path(run_dir: Path) -> Path:
     return Path(run_dir) / RECORD_FILE
 
 
-def write_record(run_dir: Path, record: dict[str, Any]) -> None:
+def write_record(run_dir: Path, record: LaunchRecord) -> None:
     """Replace the record atomically so a concurrent ``status`` never reads half a file."""
     path = record_path(run_dir)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 
-def update_record(run_dir: Path, **fields: Any) -> dict[str, Any]:
-    record = read_record(run_dir)
-    record.update(fields)
+def update_record(run_dir: Path, **changes: Any) -> LaunchRecord:
+    record = read_record(run_dir).updated(changes)
     write_record(run_dir, record)
     return record
 
 
-def read_record(run_dir: Path) -> dict[str, Any]:
+def read_record(run_dir: Path) -> LaunchRecord:
     path = record_path(run_dir)
     if not path.is_file():
         raise LaunchError(
@@ -42,9 +134,12 @@ def read_record(run_dir: Path) -> dict[str, Any]:
             "(pass <base_results_dir>/<run.name>)"
         )
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise LaunchError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise LaunchError(f"{path}: not a launch record (a JSON object)")
+    return LaunchRecord.from_json(data, str(path))
 
 
 # --- the run dir's lock: one launch (and one local job) per run dir ------------------------

@@ -43,6 +43,7 @@ from launcher.instances import instance_spec
 from launcher.job import Job
 from launcher.launch import launch
 from launcher.planning import plan
+from launcher.record import LaunchRecord
 from tests.conftest import check_reference
 from tests.services.moto_sagemaker import (
     REGION,
@@ -403,7 +404,13 @@ def test_status_logs_and_cancel(
 
 
 def test_unknown_job_is_a_clear_error(aws_env: MotoServer) -> None:
-    record = {"job_name": "no-such-job", "region": REGION, "run_name": "x"}
+    record = LaunchRecord(
+        backend="sm_jobs",
+        run_name="x",
+        run_dir="x",
+        job_name="no-such-job",
+        details={"region": REGION},
+    )
     with pytest.raises(LaunchError, match=r"DescribeTrainingJob no-such-job failed \(Valid"):
         SmJobsBackend().status(record)
     with pytest.raises(LaunchError, match="DescribeTrainingJob no-such-job failed"):
@@ -544,6 +551,7 @@ def test_render_is_pure_and_never_imports_the_sdk_with_a_container(tmp_path: Pat
 import sys
 from launcher.compose import compose_config
 from launcher.planning import plan
+from launcher.record import LaunchRecord
 cfg = compose_config({overrides!r})
 job, backend = plan(cfg)
 assert backend.render(job) == backend.render(job)

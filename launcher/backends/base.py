@@ -28,6 +28,8 @@ from typing import Any, ClassVar
 
 from adapter.layout import TRAIN_SCRIPT
 from launcher.job import ClusterConfig, Job, LaunchRule, Resolved
+from launcher.record import LaunchRecord
+from launcher.state import JobStatus
 
 
 @dataclass
@@ -75,17 +77,18 @@ class Backend:
         raise NotImplementedError
 
     def submit(self, job: Job, artifacts: Artifacts) -> dict[str, Any]:
-        """Submit the written artifacts; return fields to add to the launch record (job id...)."""
+        """Submit the written artifacts; return the changes to the launch record (job id...:
+        ``LaunchRecord`` field or detail names)."""
         raise NotImplementedError
 
-    def status(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Current state: at least ``state`` (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED...)."""
+    def status(self, record: LaunchRecord) -> JobStatus:
+        """The job's current state, mapped from the cluster's own (``JobState``)."""
         raise NotImplementedError
 
-    def logs(self, record: dict[str, Any], follow: bool = False, tail: int | None = None) -> None:
+    def logs(self, record: LaunchRecord, follow: bool = False, tail: int | None = None) -> None:
         """Print the job's output (last ``tail`` lines; with ``follow``, keep printing)."""
         raise NotImplementedError
 
-    def cancel(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Stop the job; return the fields to update in the launch record."""
+    def cancel(self, record: LaunchRecord) -> dict[str, Any]:
+        """Stop the job; return the changes to the launch record."""
         raise NotImplementedError

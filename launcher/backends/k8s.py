@@ -40,8 +40,10 @@ from launcher.checks import check_gpu_request
 from launcher.errors import LaunchError
 from launcher.instances import instance_spec
 from launcher.job import GPU_INPUTS, ClusterConfig, Job
+from launcher.record import LaunchRecord
 from launcher.rendezvous import static
 from launcher.shell import cd_line, wrapped
+from launcher.state import JobState, JobStatus
 from launcher.workloads import path_keys
 
 if TYPE_CHECKING:
@@ -882,27 +884,26 @@ class K8sBackend(Backend):
         job_id = f"{cluster.namespace}/{pytorchjob['metadata']['name']}"
         return {"job_id": job_id, "submitted_at": time.time()}
 
-    def status(self, record: dict[str, Any]) -> dict[str, Any]:
-        if not record.get("submitted"):
-            manifests = " -f ".join(record.get("manifests", []))
-            return {
-                "state": "NOT_SUBMITTED",
-                "detail": f"submit with: kubectl apply -f {manifests}",
-            }
-        return job_status(_connect_record(record), record["namespace"], record["job_name"])
+    def status(self, record: LaunchRecord) -> JobStatus:
+        if not record.submitted:
+            manifests = " -f ".join(record.details.get("manifests", []))
+            detail = f"submit with: kubectl apply -f {manifests}"
+            return JobStatus(JobState.NOT_SUBMITTED, {"detail": detail})
+        return job_status(_connect_record(record), _namespace(record), str(record.job_name))
 
-    def logs(self, record: dict[str, Any], follow: bool = False, tail: int | None = None) -> None:
-        if not record.get("submitted"):
-            raise LaunchError(f"run {record['run_name']} was not submitted, so it has no logs")
+    def logs(self, record: LaunchRecord, follow: bool = False, tail: int | None = None) -> None:
+        if not record.submitted:
+            raise LaunchError(f"run {record.run_name} was not submitted, so it has no logs")
         connection = _connect_record(record)
-        print_master_logs(connection, record["namespace"], record["job_name"], follow, tail)
+        print_master_logs(connection, _namespace(record), str(record.job_name), follow, tail)
 
-    def cancel(self, record: dict[str, Any]) -> dict[str, Any]:
-        if not record.get("submitted"):
-            raise LaunchError(f"run {record['run_name']} was not submitted; nothing to cancel")
+    def cancel(self, record: LaunchRecord) -> dict[str, Any]:
+        if not record.submitted:
+            raise LaunchError(f"run {record.run_name} was not submitted; nothing to cancel")
         connection = _connect_record(record)
-        delete_all(connection, record["namespace"], record["job_name"], record["configmap"])
-        return {"state": "CANCELLED", "cancelled_at": time.time()}
+        configmap = record.details["configmap"]
+        delete_all(connection, _namespace(record), str(record.job_name), configmap)
+        return {"state": JobState.CANCELLED, "cancelled_at": time.time()}
 
 
 def _cluster(job: Job) -> K8sCluster:
@@ -978,10 +979,15 @@ def _current_context(kubeconfig: str | None) -> str:
     return str(active.get("name", "<current>"))
 
 
-def _connect_record(record: dict[str, Any]) -> Connection:
+def _connect_record(record: LaunchRecord) -> Connection:
+    details = record.details
     return connect(
-        record.get("kube_context"), record.get("kubeconfig"), record.get("in_cluster", False)
+        details.get("kube_context"), details.get("kubeconfig"), details.get("in_cluster", False)
     )
+
+
+def _namespace(record: LaunchRecord) -> str:
+    return str(record.details["namespace"])
 
 
 @contextlib.contextmanager
@@ -1099,17 +1105,19 @@ def delete_all(connection: Connection, namespace: str, name: str, configmap: str
 
 
 STATE_OF_CONDITION = {
-    "Succeeded": "COMPLETED",
-    "Failed": "FAILED",
-    "Running": "RUNNING",
-    "Restarting": "RUNNING",
-    "Suspended": "PENDING",
-    "Created": "PENDING",
+    "Succeeded": JobState.COMPLETED,
+    "Failed": JobState.FAILED,
+    "Running": JobState.RUNNING,
+    "Restarting": JobState.RUNNING,
+    "Suspended": JobState.PENDING,
+    "Created": JobState.PENDING,
 }
 """The newest true PyTorchJob condition → the launcher's state."""
 
 
-def state_from_conditions(conditions: list[dict[str, Any]]) -> tuple[str, dict[str, Any] | None]:
+def state_from_conditions(
+    conditions: list[dict[str, Any]],
+) -> tuple[JobState, dict[str, Any] | None]:
     """Pure: our state and the deciding condition, from a job's ``status.conditions``."""
     true = [c for c in conditions if str(c.get("status")) == "True"]
     for kind in ("Succeeded", "Failed"):
@@ -1117,11 +1125,11 @@ def state_from_conditions(conditions: list[dict[str, Any]]) -> tuple[str, dict[s
         if final:
             return STATE_OF_CONDITION[kind], final
     if true:
-        return STATE_OF_CONDITION.get(str(true[-1].get("type")), "UNKNOWN"), true[-1]
-    return "PENDING", None
+        return STATE_OF_CONDITION.get(str(true[-1].get("type")), JobState.UNKNOWN), true[-1]
+    return JobState.PENDING, None
 
 
-def job_status(connection: Connection, namespace: str, name: str) -> dict[str, Any]:
+def job_status(connection: Connection, namespace: str, name: str) -> JobStatus:
     """The job's state from its conditions, plus the phase of each of its pods."""
     from kubernetes.client import ApiException
 
@@ -1136,14 +1144,14 @@ def job_status(connection: Connection, namespace: str, name: str) -> dict[str, A
                 message = f"reading PyTorchJob {job_id}: HTTP {exc.status} {exc.reason}"
                 raise LaunchError(message) from None
             detail = "the PyTorchJob no longer exists (deleted, or its TTL expired)"
-            return {"state": "UNKNOWN", "job_id": job_id, "detail": detail}
+            return JobStatus(JobState.UNKNOWN, {"job_id": job_id, "detail": detail})
         pods = pod_phases(connection, namespace, name)
     state, condition = state_from_conditions((obj.get("status") or {}).get("conditions") or [])
-    status: dict[str, Any] = {"state": state, "job_id": job_id}
+    details: dict[str, Any] = {"job_id": job_id}
     for key in ("reason", "message"):
         if condition and condition.get(key):
-            status[key] = condition[key]
-    return status | {"pods": pods}
+            details[key] = condition[key]
+    return JobStatus(state, details | {"pods": pods})
 
 
 def pod_phases(connection: Connection, namespace: str, name: str) -> dict[str, str]:
@@ -1196,7 +1204,7 @@ def _open_log(
         except ApiException as exc:
             # 400: the container is still being created; 404: the operator made no pod yet.
             waiting = follow and exc.status in (400, 404)
-            if not waiting or job_status(connection, namespace, name)["state"] != "PENDING":
+            if not waiting or job_status(connection, namespace, name).state != JobState.PENDING:
                 raise LaunchError(
                     f"no logs of pod {namespace}/{pod} (HTTP {exc.status} {exc.reason}); see "
                     "`python -m launcher status <run dir>`"

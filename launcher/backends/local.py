@@ -39,8 +39,10 @@ from launcher import paths
 from launcher.backends.base import Artifacts, Backend
 from launcher.errors import LaunchError
 from launcher.job import ClusterConfig, Job, Resolved
+from launcher.record import LaunchRecord, lock_holder, update_record
 from launcher.rendezvous import standalone
 from launcher.shell import cd_line, shell_exports
+from launcher.state import JobState, JobStatus
 
 LOG_FILE = f"{LOGS_DIR}/train.log"
 
@@ -132,8 +134,6 @@ class LocalBackend(Backend):
         )
 
     def submit(self, job: Job, artifacts: Artifacts) -> dict[str, Any]:
-        from launcher.record import update_record
-
         log_path = job.run_dir / LOG_FILE
         env = {**os.environ, **job.settings.env_vars, "PYTHONUNBUFFERED": "1"}
         with open(log_path, "ab") as log, StopSignals() as stop:
@@ -150,7 +150,7 @@ class LocalBackend(Backend):
                 job.run_dir,
                 pid=process.pid,
                 launcher_pid=os.getpid(),
-                state="RUNNING",
+                state=JobState.RUNNING,
                 submitted=True,
                 started_at=time.time(),
             )
@@ -160,7 +160,7 @@ class LocalBackend(Backend):
             name = stop.received.name
             _tell(f"\n{name}: stopped all ranks; full log: {log_path}")
             return {
-                "state": "CANCELLED",
+                "state": JobState.CANCELLED,
                 "signal": name,
                 "reason": f"the launcher received {name}",
                 "exit_code": 128 + stop.received,
@@ -169,50 +169,50 @@ class LocalBackend(Backend):
             }
         if exit_code != 0:
             _tell(f"error: training exited with code {exit_code}; full log: {log_path}")
-        state = "COMPLETED" if exit_code == 0 else "FAILED"
+        state = JobState.COMPLETED if exit_code == 0 else JobState.FAILED
         return {"state": state, "exit_code": exit_code, "ended_at": ended_at}
 
-    def status(self, record: dict[str, Any]) -> dict[str, Any]:
-        if record.get("exit_code") is not None:
-            ended = {"state": record["state"], "exit_code": record["exit_code"]}
-            return ended | ({"signal": record["signal"]} if record.get("signal") else {})
-        if not record.get("submitted"):
-            return {"state": "NOT_SUBMITTED"}
+    def status(self, record: LaunchRecord) -> JobStatus:
+        if record.exit_code is not None:
+            signal_name = record.details.get("signal")
+            ended = {"exit_code": record.exit_code} | (
+                {"signal": signal_name} if signal_name else {}
+            )
+            return JobStatus(record.state or JobState.UNKNOWN, ended)
+        if not record.submitted:
+            return JobStatus(JobState.NOT_SUBMITTED)
         if _launcher_alive(record):
-            return {"state": "RUNNING", "pid": record.get("pid")}
-        return {
-            "state": "FAILED",
-            "detail": f"the launcher (pid {record.get('launcher_pid')}) ended without recording "
-            "the result (killed by SIGKILL?), and its job with it; see "
-            f"{record.get('log_file')}",
-        }
+            return JobStatus(JobState.RUNNING, {"pid": record.pid})
+        detail = (
+            f"the launcher (pid {record.launcher_pid}) ended without recording the result "
+            f"(killed by SIGKILL?), and its job with it; see {record.log_file}"
+        )
+        return JobStatus(JobState.FAILED, {"detail": detail})
 
-    def logs(self, record: dict[str, Any], follow: bool = False, tail: int | None = None) -> None:
+    def logs(self, record: LaunchRecord, follow: bool = False, tail: int | None = None) -> None:
         from launcher.logtail import print_file
 
         print_file(
-            Path(record["log_file"]),
+            Path(record.log_file or ""),
             follow=follow,
             tail=tail,
-            running=lambda: self.status(record).get("state") == "RUNNING",
+            running=lambda: self.status(record).state == JobState.RUNNING,
         )
 
-    def cancel(self, record: dict[str, Any]) -> dict[str, Any]:
+    def cancel(self, record: LaunchRecord) -> dict[str, Any]:
         """SIGTERM to the launcher, which stops the job as it does for Ctrl-C and records
         how it ended; returns once the run dir's lock is free (the job has ended)."""
-        from launcher.record import lock_holder
-
-        run_dir = Path(record["run_dir"])
-        if not _launcher_alive(record) or record.get("pid") is None:
-            state = self.status(record)["state"]
-            raise LaunchError(f"run {record['run_name']} is not running (state: {state})")
-        launcher = record["launcher_pid"]
+        run_dir = Path(record.run_dir)
+        if not _launcher_alive(record) or record.pid is None or record.launcher_pid is None:
+            state = self.status(record).state
+            raise LaunchError(f"run {record.run_name} is not running (state: {state})")
+        launcher = record.launcher_pid
         os.kill(launcher, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S + 15
         while lock_holder(run_dir) is not None:
             if time.monotonic() > deadline:
                 raise LaunchError(
-                    f"sent SIGTERM to the launcher of run {record['run_name']} (pid "
+                    f"sent SIGTERM to the launcher of run {record.run_name} (pid "
                     f"{launcher}), but it still runs: kill it with: kill -KILL {launcher} "
                     "(its job dies with it)"
                 )
@@ -290,15 +290,13 @@ class StopSignals:
         self._kill_timer.start()
 
 
-def _launcher_alive(record: dict[str, Any]) -> bool:
+def _launcher_alive(record: LaunchRecord) -> bool:
     """Whether the launcher that wrote ``record`` still runs: it holds the run dir's lock.
 
     Safer than probing its pid, which the system may have given to another process since."""
-    from launcher.record import lock_holder
-
-    if record.get("exit_code") is not None or not record.get("launcher_pid"):
+    if record.exit_code is not None or not record.launcher_pid:
         return False
-    return lock_holder(Path(record["run_dir"])) == record["launcher_pid"]
+    return lock_holder(Path(record.run_dir)) == record.launcher_pid
 
 
 def _torchrun(cluster: ClusterConfig) -> str:

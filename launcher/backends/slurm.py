@@ -32,8 +32,10 @@ from launcher.backends.base import Artifacts, Backend
 from launcher.checks import check_gpu_request
 from launcher.errors import LaunchError
 from launcher.job import GPU_INPUTS, ClusterConfig, Job, Resolved
+from launcher.record import LaunchRecord
 from launcher.rendezvous import c10d
 from launcher.shell import cd_line, shell_exports, wrapped
+from launcher.state import JobState, JobStatus
 
 LOG_PATTERN = f"{LOGS_DIR}/%x-%j.out"
 """Output and error of the job, relative to the run dir (``%x`` job name, ``%j`` job id)."""
@@ -43,32 +45,31 @@ RDZV_BASE_PORT = 29500
 RDZV_PORT_SPAN = 2000
 """Derived rendezvous ports stay in 29500-31499, below Linux's ephemeral range (32768+)."""
 
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED"}
-STATE_MAP = {
-    "PENDING": "PENDING",
-    "CONFIGURING": "PENDING",
-    "REQUEUED": "PENDING",
-    "REQUEUE_FED": "PENDING",
-    "REQUEUE_HOLD": "PENDING",
-    "RESV_DEL_HOLD": "PENDING",
-    "SUSPENDED": "PENDING",
-    "RUNNING": "RUNNING",
-    "COMPLETING": "RUNNING",
-    "STAGE_OUT": "RUNNING",
-    "RESIZING": "RUNNING",
-    "SIGNALING": "RUNNING",
-    "STOPPED": "RUNNING",
-    "COMPLETED": "COMPLETED",
-    "CANCELLED": "CANCELLED",
-    "REVOKED": "CANCELLED",
-    "FAILED": "FAILED",
-    "TIMEOUT": "FAILED",
-    "NODE_FAIL": "FAILED",
-    "OUT_OF_MEMORY": "FAILED",
-    "BOOT_FAIL": "FAILED",
-    "DEADLINE": "FAILED",
-    "PREEMPTED": "FAILED",
-    "SPECIAL_EXIT": "FAILED",
+STATE_MAP: dict[str, JobState] = {
+    "PENDING": JobState.PENDING,
+    "CONFIGURING": JobState.PENDING,
+    "REQUEUED": JobState.PENDING,
+    "REQUEUE_FED": JobState.PENDING,
+    "REQUEUE_HOLD": JobState.PENDING,
+    "RESV_DEL_HOLD": JobState.PENDING,
+    "SUSPENDED": JobState.PENDING,
+    "RUNNING": JobState.RUNNING,
+    "COMPLETING": JobState.RUNNING,
+    "STAGE_OUT": JobState.RUNNING,
+    "RESIZING": JobState.RUNNING,
+    "SIGNALING": JobState.RUNNING,
+    "STOPPED": JobState.RUNNING,
+    "COMPLETED": JobState.COMPLETED,
+    "CANCELLED": JobState.CANCELLED,
+    "REVOKED": JobState.CANCELLED,
+    "FAILED": JobState.FAILED,
+    "TIMEOUT": JobState.FAILED,
+    "NODE_FAIL": JobState.FAILED,
+    "OUT_OF_MEMORY": JobState.FAILED,
+    "BOOT_FAIL": JobState.FAILED,
+    "DEADLINE": JobState.FAILED,
+    "PREEMPTED": JobState.FAILED,
+    "SPECIAL_EXIT": JobState.FAILED,
 }
 """Slurm job states → the launcher's states (the Slurm name is kept as ``slurm_state``)."""
 
@@ -271,34 +272,34 @@ class SlurmBackend(Backend):
         log_file = job.run_dir / LOG_PATTERN.replace("%x", job_name(job)).replace("%j", job_id)
         return {"job_id": job_id, "log_file": str(log_file), "submitted_at": time.time()}
 
-    def status(self, record: dict[str, Any]) -> dict[str, Any]:
-        job_id = record.get("job_id")
-        if not job_id:
-            return {"state": "NOT_SUBMITTED", "detail": f"submit with: sbatch {_sbatch_of(record)}"}
-        return job_status(str(job_id))
+    def status(self, record: LaunchRecord) -> JobStatus:
+        if not record.job_id:
+            detail = f"submit with: sbatch {_sbatch_of(record)}"
+            return JobStatus(JobState.NOT_SUBMITTED, {"detail": detail})
+        return job_status(str(record.job_id))
 
-    def logs(self, record: dict[str, Any], follow: bool = False, tail: int | None = None) -> None:
+    def logs(self, record: LaunchRecord, follow: bool = False, tail: int | None = None) -> None:
         from launcher.logtail import print_file
 
-        if not record.get("log_file"):
-            raise LaunchError(f"run {record['run_name']} was not submitted, so it has no log yet")
+        if not record.log_file:
+            raise LaunchError(f"run {record.run_name} was not submitted, so it has no log yet")
         print_file(
-            Path(record["log_file"]),
+            Path(record.log_file),
             follow=follow,
             tail=tail,
-            running=lambda: self.status(record)["state"] in {"PENDING", "RUNNING"},
+            running=lambda: self.status(record).state.live,
         )
 
-    def cancel(self, record: dict[str, Any]) -> dict[str, Any]:
+    def cancel(self, record: LaunchRecord) -> dict[str, Any]:
         current = self.status(record)
-        if current["state"] not in {"PENDING", "RUNNING"}:
+        if not current.state.live:
             raise LaunchError(
-                f"run {record['run_name']} is not queued or running (state: {current['state']})"
+                f"run {record.run_name} is not queued or running (state: {current.state})"
             )
-        job_id = str(record["job_id"])
+        job_id = str(record.job_id)
         _run_slurm(["scancel", job_id], "cancel")
         final = wait_finished(job_id, timeout_s=30)
-        return {"state": final["state"], "cancelled_at": time.time()}
+        return {"state": final.state, "cancelled_at": time.time()}
 
 
 # --- rendering (pure) -------------------------------------------------------------------
@@ -464,26 +465,23 @@ def sbatch(path: Path) -> str:
     return result.stdout.strip().split(";")[0]
 
 
-def job_status(job_id: str) -> dict[str, Any]:
+def job_status(job_id: str) -> JobStatus:
     """State of a job from ``scontrol show job``, else ``squeue``, else ``sacct``."""
     fields = _scontrol_job(job_id) or _squeue_job(job_id) or _sacct_job(job_id)
     if fields is None:
-        return {
-            "state": "UNKNOWN",
-            "job_id": job_id,
-            "detail": "Slurm no longer knows this job (purged after MinJobAge, no accounting)",
-        }
+        detail = "Slurm no longer knows this job (purged after MinJobAge, no accounting)"
+        return JobStatus(JobState.UNKNOWN, {"job_id": job_id, "detail": detail})
     return status_from_fields(job_id, fields)
 
 
-def status_from_fields(job_id: str, fields: dict[str, str]) -> dict[str, Any]:
-    """Pure: our status dict from Slurm's ``JobState``/``ExitCode``/``Reason``/... fields."""
+def status_from_fields(job_id: str, fields: dict[str, str]) -> JobStatus:
+    """Pure: our status from Slurm's ``JobState``/``ExitCode``/``Reason``/... fields."""
     slurm_state = fields.get("JobState", "").split()[0] if fields.get("JobState") else ""
-    state = STATE_MAP.get(slurm_state, "UNKNOWN")
-    status: dict[str, Any] = {"state": state, "job_id": job_id}
+    state = STATE_MAP.get(slurm_state, JobState.UNKNOWN)
+    status: dict[str, Any] = {"job_id": job_id}
     if slurm_state and slurm_state != state:
         status["slurm_state"] = slurm_state
-    if state in FINISHED and ":" in fields.get("ExitCode", ""):
+    if state.finished and ":" in fields.get("ExitCode", ""):
         code, signal = (int(part) for part in fields["ExitCode"].split(":"))
         status["exit_code"] = code
         if signal:
@@ -495,15 +493,15 @@ def status_from_fields(job_id: str, fields: dict[str, str]) -> dict[str, Any]:
         status["restarts"] = int(fields["Restarts"])
     if fields.get("NodeList") not in {None, "", "(null)", "None"}:
         status["nodes"] = fields["NodeList"]
-    return status
+    return JobStatus(state, status)
 
 
-def wait_finished(job_id: str, timeout_s: float, poll_s: float = 0.5) -> dict[str, Any]:
+def wait_finished(job_id: str, timeout_s: float, poll_s: float = 0.5) -> JobStatus:
     """Poll until the job is finished (or ``timeout_s`` passed); its last status."""
     deadline = time.monotonic() + timeout_s
     while True:
         status = job_status(job_id)
-        if status["state"] in FINISHED or time.monotonic() > deadline:
+        if status.state.finished or time.monotonic() > deadline:
             return status
         time.sleep(poll_s)
 
@@ -569,5 +567,5 @@ def _run_slurm(
     return result
 
 
-def _sbatch_of(record: dict[str, Any]) -> str:
-    return record.get("sbatch_file") or f"{record['run_dir']}/{record['run_name']}.sbatch"
+def _sbatch_of(record: LaunchRecord) -> str:
+    return record.details.get("sbatch_file") or f"{record.run_dir}/{record.run_name}.sbatch"

@@ -54,8 +54,10 @@ from launcher.backends.base import Artifacts, Backend
 from launcher.errors import LaunchError
 from launcher.instances import instance_spec, known_instance_types
 from launcher.job import ClusterConfig, Job, Resolved
+from launcher.record import LaunchRecord, read_record
 from launcher.rendezvous import static
 from launcher.shell import wrapped
+from launcher.state import JobState, JobStatus
 from launcher.workloads import path_keys
 from launcher.workloads.base import InputPath
 
@@ -109,9 +111,13 @@ S3_URI = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?")
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9.\-_]{1,64}")
 JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
 
-STATES = {"Completed": "COMPLETED", "Failed": "FAILED", "Stopped": "CANCELLED"}
-"""Terminal SageMaker statuses → the launcher's states."""
-FINISHED = frozenset(STATES.values())
+STATES = {
+    "Completed": JobState.COMPLETED,
+    "Failed": JobState.FAILED,
+    "Stopped": JobState.CANCELLED,
+}
+"""Terminal SageMaker statuses → the launcher's states (else PENDING or RUNNING: the
+secondary status says which)."""
 PENDING_SECONDARY = {
     "Starting",
     "Pending",
@@ -630,58 +636,58 @@ class SmJobsBackend(Backend):
             "job_name": name,
             "job_arn": sent["arn"],
             "region": region,
-            "state": "PENDING",
+            "state": JobState.PENDING,
             "submitted_at": time.time(),
             "model_artifacts": f"{spec.output_path}/{name}/output/model.tar.gz",
         }
         if not _cluster(job).wait:
             return fields
-        return {**fields, **self._wait({**artifacts.record, **fields}, job.run_dir)}
+        return {**fields, **self._wait(read_record(job.run_dir).updated(fields))}
 
-    def _wait(self, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    def _wait(self, record: LaunchRecord) -> dict[str, Any]:
         """Stream the job's logs until it ends; its final state and an exit code."""
         try:
             self.logs(record, follow=True)
         except KeyboardInterrupt:
             print(
-                f"\nstopped waiting; job {record['job_name']} keeps running: "
-                f"python -m launcher logs -f {run_dir} (or cancel {run_dir})",
+                f"\nstopped waiting; job {record.job_name} keeps running: "
+                f"python -m launcher logs -f {record.run_dir} (or cancel {record.run_dir})",
                 file=sys.stderr,
             )
             return {}
         final = self.status(record)
-        return {**final, "exit_code": 0 if final["state"] == "COMPLETED" else 1}
+        return {**final.to_json(), "exit_code": 0 if final.state == JobState.COMPLETED else 1}
 
-    def status(self, record: dict[str, Any]) -> dict[str, Any]:
-        name = record.get("job_name")
-        if not name:
-            return {"state": "NOT_SUBMITTED", "detail": f"request: {record.get('request_file')}"}
-        return job_status(_client("sagemaker", record), name)
+    def status(self, record: LaunchRecord) -> JobStatus:
+        if not record.job_name:
+            detail = f"request: {record.details.get('request_file')}"
+            return JobStatus(JobState.NOT_SUBMITTED, {"detail": detail})
+        return job_status(_client("sagemaker", record), record.job_name)
 
-    def logs(self, record: dict[str, Any], follow: bool = False, tail: int | None = None) -> None:
+    def logs(self, record: LaunchRecord, follow: bool = False, tail: int | None = None) -> None:
         name = _submitted(record)
         reader = LogReader(_client("logs", record), name)
         lines = reader.read()
         if not lines and not follow:
-            state = self.status(record)["state"]
+            state = self.status(record).state
             raise LaunchError(f"no CloudWatch logs yet for job {name} (state: {state})")
         _print(lines[-tail:] if tail else lines)
-        while follow and self.status(record)["state"] not in FINISHED:
+        while follow and not self.status(record).state.finished:
             time.sleep(POLL_SECONDS)
             _print(reader.read())
         if follow:
             _print(reader.read())
 
-    def cancel(self, record: dict[str, Any]) -> dict[str, Any]:
+    def cancel(self, record: LaunchRecord) -> dict[str, Any]:
         name = _submitted(record)
         client = _client("sagemaker", record)
         current = job_status(client, name)
-        if current["state"] in FINISHED:
+        if current.state.finished:
             raise LaunchError(
-                f"job {name} already ended ({current['sagemaker_status']}); nothing to stop"
+                f"job {name} already ended ({current.details['sagemaker_status']}); nothing to stop"
             )
         stop_job(client, name)
-        return {"state": "CANCELLED", "cancelled_at": time.time()}
+        return {"state": JobState.CANCELLED, "cancelled_at": time.time()}
 
 
 # --- resolving the job ----------------------------------------------------------------
@@ -1212,32 +1218,31 @@ def _checked_trainer(spec: JobSpec, source_dir: Path, boto_session: Any) -> Any:
         raise LaunchError(f"the sagemaker SDK refused the job: {exc}") from None
 
 
-def _client(service: str, record: dict[str, Any]) -> Any:
+def _client(service: str, record: LaunchRecord) -> Any:
     import boto3
 
-    return boto3.Session(region_name=record.get("region")).client(service)
+    return boto3.Session(region_name=record.details.get("region")).client(service)
 
 
-def _submitted(record: dict[str, Any]) -> str:
-    name = record.get("job_name")
-    if not name:
+def _submitted(record: LaunchRecord) -> str:
+    if not record.job_name:
         raise LaunchError(
-            f"run {record.get('run_name')} was not submitted (dry run?); its request is in "
-            f"{record.get('request_file')}"
+            f"run {record.run_name} was not submitted (dry run?); its request is in "
+            f"{record.details.get('request_file')}"
         )
-    return str(name)
+    return record.job_name
 
 
-def job_status(client: Any, name: str) -> dict[str, Any]:
+def job_status(client: Any, name: str) -> JobStatus:
     """The launcher's state of training job ``name`` plus SageMaker's own status fields."""
     try:
         desc = client.describe_training_job(TrainingJobName=name)
     except aws_errors() as exc:
         raise LaunchError(f"DescribeTrainingJob {name} failed ({aws_error(exc)})") from None
     status, secondary = desc["TrainingJobStatus"], desc.get("SecondaryStatus")
-    state = STATES.get(status, "PENDING" if secondary in PENDING_SECONDARY else "RUNNING")
+    pending = secondary in PENDING_SECONDARY
+    state = STATES.get(status, JobState.PENDING if pending else JobState.RUNNING)
     result = {
-        "state": state,
         "job_name": name,
         "sagemaker_status": status,
         "secondary_status": secondary,
@@ -1246,7 +1251,7 @@ def job_status(client: Any, name: str) -> dict[str, Any]:
         result["failure_reason"] = desc["FailureReason"]
     if desc.get("ModelArtifacts", {}).get("S3ModelArtifacts"):
         result["model_artifacts"] = desc["ModelArtifacts"]["S3ModelArtifacts"]
-    return result
+    return JobStatus(state, result)
 
 
 def stop_job(client: Any, name: str) -> None:
