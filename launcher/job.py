@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from adapter.schema import Problem
 from launcher.instances import instance_spec
@@ -56,6 +57,10 @@ class Resolved:
     file system), so that the paths the workload reads are checked here. In a container
     (Slurm with ``container``, k8s, SageMaker) they are the image's and mounts'."""
 
+
+ClusterT = TypeVar("ClusterT", bound=ClusterConfig)
+ResolvedT = TypeVar("ResolvedT", bound=Resolved)
+WorkloadT = TypeVar("WorkloadT", bound=Workload)
 
 GPU_INPUTS = ("recipes.trainer.accelerator", "instance_type")
 """The keys ``Job.uses_gpu`` reads: every rule that asks it declares them."""
@@ -119,6 +124,21 @@ class Job:
     def workdir(self) -> str | None:
         """Where the per-node command runs; None: where the backend starts it."""
         return self.workload.workdir(self.cluster.type, self.resolved.launch_dir)
+
+    def cluster_as(self, schema: type[ClusterT]) -> ClusterT:
+        """The cluster config as its backend's own schema (what planning parsed it with)."""
+        assert isinstance(self.cluster, schema), f"not a {schema.__name__}: {self.cluster!r}"
+        return self.cluster
+
+    def resolved_as(self, kind: type[ResolvedT]) -> ResolvedT:
+        """What the backend's ``resolve`` read (set by planning before any rule or render)."""
+        assert isinstance(self.resolved, kind), "plan() resolves the job before rules and render"
+        return self.resolved
+
+    def workload_as(self, kind: type[WorkloadT]) -> WorkloadT:
+        """The workload as its own kind (for that kind's rules)."""
+        assert isinstance(self.workload, kind), f"not a {kind.__name__}: {self.workload!r}"
+        return self.workload
 
     def environment(self) -> dict[str, str]:
         """Environment of every rank: base, GPU and EFA defaults, then the user's env_vars."""

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from launcher.errors import LaunchError
+from launcher.record import LaunchRecord
 
 
 def print_file(
@@ -39,3 +40,12 @@ def print_file(
             sys.stdout.flush()
             time.sleep(poll_seconds)
     sys.stdout.flush()
+
+
+def print_record_log(
+    record: LaunchRecord, follow: bool, tail: int | None, running: Callable[[], bool]
+) -> None:
+    """Print the log file on this machine that a launch record names (local and Slurm jobs)."""
+    if not record.log_file:
+        raise LaunchError(f"run {record.run_name} was not submitted, so it has no log yet")
+    print_file(Path(record.log_file), follow=follow, tail=tail, running=running)

@@ -333,7 +333,7 @@ def test_kubernetes_job_is_a_valid_pytorchjob_running_the_script(tmp_path: Path)
 
 
 def test_sagemaker_uploads_the_code_and_installs_the_requirements(tmp_path: Path) -> None:
-    from launcher.backends.sm_jobs import stage_source
+    from launcher.backends.sm_jobs.client import stage_source
 
     needs = "recipes.script.requirements=['llm-foundry>=0.10']"
     assert not dry_run(launch_overrides("sm_jobs", tmp_path, needs))

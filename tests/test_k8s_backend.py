@@ -29,7 +29,8 @@ import yaml
 
 from adapter.schema import ConfigError, parse
 from launcher.__main__ import main as launcher_cli
-from launcher.backends.k8s import K8sBackend, K8sCluster, state_from_conditions
+from launcher.backends.k8s import K8sBackend, K8sCluster
+from launcher.backends.k8s.client import state_from_conditions
 from launcher.compose import compose_config as launcher_compose
 from launcher.job import Job
 from launcher.launch import launch

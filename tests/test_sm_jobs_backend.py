@@ -27,16 +27,9 @@ import yaml
 from adapter.metrics import MetricsLogger
 from adapter.schema import ConfigError, parse
 from launcher.__main__ import main as launcher_cli
-from launcher.backends.sm_jobs import (
-    LOG_GROUP,
-    REQUEST_FILE,
-    TIMESTAMP,
-    SmJobsBackend,
-    SmJobsCluster,
-    job_spec,
-    metric_definitions,
-    stop_job,
-)
+from launcher.backends.sm_jobs import SmJobsBackend, SmJobsCluster
+from launcher.backends.sm_jobs.client import LOG_GROUP, stop_job
+from launcher.backends.sm_jobs.render import REQUEST_FILE, TIMESTAMP, job_spec, metric_definitions
 from launcher.compose import compose_config
 from launcher.errors import LaunchError
 from launcher.instances import instance_spec

@@ -438,7 +438,7 @@ from launcher.planning import plan
 job, backend = plan(compose_config(json.loads(sys.argv[1])))
 for name in [m for m in sys.modules if m.split(".")[0] == "sagemaker"]:
     sys.modules[name] = None  # render must not need the SDK: importing it now fails
-from launcher.backends.sm_jobs import _pytorch_image
+from launcher.backends.sm_jobs.client import _pytorch_image
 
 _pytorch_image.cache_clear()
 WATCHED = {"open", "import", "os.listdir", "os.scandir", "os.chdir", "os.system",

@@ -158,3 +158,32 @@ class Workload(ABC):
     def writes(self, role: str) -> bool:
         """Whether the job writes an output of ``role`` (e.g. ``tensorboard``)."""
         return any(output.role == role and output.written for output in self.outputs())
+
+
+class RecipeWorkload(Workload):
+    """A workload whose recipe has HyperPod's ``run`` (``name``, ``time_limit``) and
+    ``trainer`` (``num_nodes``, ``devices``, ``accelerator``) sections: the shape of the job
+    is read from them."""
+
+    recipe: Any
+    """The parsed recipe (a dataclass field of the subclass)."""
+
+    @property
+    def name(self) -> str:
+        return self.recipe.run.name
+
+    @property
+    def time_limit(self) -> str:
+        return self.recipe.run.time_limit
+
+    @property
+    def num_nodes(self) -> int:
+        return self.recipe.trainer.num_nodes
+
+    @property
+    def devices(self) -> int:
+        return self.recipe.trainer.devices
+
+    @property
+    def accelerator(self) -> str:
+        return self.recipe.trainer.accelerator

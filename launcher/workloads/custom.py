@@ -37,7 +37,7 @@ from adapter.schema import Parsed, Problem, bounded, nested, parse_partial, rule
 from launcher import paths
 from launcher.job import Job
 from launcher.rendezvous import Rendezvous
-from launcher.workloads.base import Workload, WorkloadRule
+from launcher.workloads.base import RecipeWorkload, WorkloadRule
 
 Launcher = Literal["torchrun", "composer", "deepspeed"]
 
@@ -393,8 +393,7 @@ RULES: tuple[WorkloadRule, ...] = (
 
 
 def _custom(job: Job) -> CustomJob:
-    assert isinstance(job.workload, CustomWorkload), "a rule of custom jobs"
-    return job.workload.recipe
+    return job.workload_as(CustomWorkload).recipe
 
 
 def _check_source(script: ScriptConfig, cluster_type: str, launch_dir: str | None) -> list[Problem]:
@@ -484,7 +483,7 @@ def _on_path(executable: str) -> bool:
 
 
 @dataclass
-class CustomWorkload(Workload):
+class CustomWorkload(RecipeWorkload):
     """A recipe of ``kind: custom``: the user's entry point under its launcher on every node,
     in its code directory."""
 
@@ -502,26 +501,6 @@ class CustomWorkload(Workload):
     def bind(self, run_dir: Path, cluster_type: str) -> CustomWorkload:
         """The code directory made absolute where this machine reads it."""
         return CustomWorkload(with_absolute_source(self.recipe, cluster_type))
-
-    @property
-    def name(self) -> str:
-        return self.recipe.run.name
-
-    @property
-    def time_limit(self) -> str:
-        return self.recipe.run.time_limit
-
-    @property
-    def num_nodes(self) -> int:
-        return self.recipe.trainer.num_nodes
-
-    @property
-    def devices(self) -> int:
-        return self.recipe.trainer.devices
-
-    @property
-    def accelerator(self) -> str:
-        return self.recipe.trainer.accelerator
 
     def recipe_dict(self, moved: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The recipe as given, defaults filled in (it sets no paths a backend moves)."""

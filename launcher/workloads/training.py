@@ -14,7 +14,7 @@ from adapter.schema import Parsed, Problem, parse_partial, rule, to_dict, warnin
 from launcher import paths
 from launcher.job import GPU_INPUTS, Job
 from launcher.rendezvous import Rendezvous
-from launcher.workloads.base import InputPath, OutputPath, Workload, WorkloadRule
+from launcher.workloads.base import InputPath, OutputPath, RecipeWorkload, WorkloadRule
 
 ENTRY_MODULE = "adapter.train"
 """What every rank runs: ``python -m adapter.train <recipe.yaml>``."""
@@ -40,8 +40,7 @@ TENSORBOARD_SWITCH = f"{EXP}.create_tensorboard_logger"
 
 
 def _recipe(job: Job) -> Recipe:
-    assert isinstance(job.workload, TrainingWorkload), "a rule of training recipes"
-    return job.workload.recipe
+    return job.workload_as(TrainingWorkload).recipe
 
 
 @rule("recipes.trainer.precision", *GPU_INPUTS)
@@ -115,7 +114,7 @@ def model_paths_exist(job: Job) -> list[Problem]:
 
 
 @dataclass
-class TrainingWorkload(Workload):
+class TrainingWorkload(RecipeWorkload):
     """The adapter's training recipe: the adapter (``adapter.train``) on every rank, under
     torchrun across processes (or alone, for one local rank)."""
 
@@ -152,26 +151,6 @@ class TrainingWorkload(Workload):
             return self
         exp = dataclasses.replace(exp, exp_dir=str(run_dir))
         return TrainingWorkload(dataclasses.replace(self.recipe, exp_manager=exp))
-
-    @property
-    def name(self) -> str:
-        return self.recipe.run.name
-
-    @property
-    def time_limit(self) -> str:
-        return self.recipe.run.time_limit
-
-    @property
-    def num_nodes(self) -> int:
-        return self.recipe.trainer.num_nodes
-
-    @property
-    def devices(self) -> int:
-        return self.recipe.trainer.devices
-
-    @property
-    def accelerator(self) -> str:
-        return self.recipe.trainer.accelerator
 
     def recipe_dict(self, moved: Mapping[str, str] | None = None) -> dict[str, Any]:
         recipe = to_dict(self.recipe)

@@ -1,0 +1,345 @@
+"""Rendering a SageMaker training job (pure): :class:`JobSpec` (every input of the job, from
+the config and ``job.resolved``), the CreateTrainingJob request built from it, ``train.sh``,
+``requirements.txt`` and the recipe with its paths moved into the container's layout. The
+request is the one source of the job: ``client.model_trainer`` derives the SDK's arguments
+from it."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapter.config import parse_time_limit
+from adapter.layout import RECIPE_FILE, TRAIN_SCRIPT
+from adapter.metrics import EVAL_CE, EVAL_PPL, TOKENS_PER_SECOND, TRAIN_CE, TRAIN_PPL
+from launcher.backends.base import Artifacts
+from launcher.backends.sm_jobs.config import (
+    CHANNEL_ROOT,
+    CHECKPOINT_DIR,
+    CODE_DIR,
+    FIXED_OUTPUTS,
+    MAX_RUN_LIMIT,
+    SDK_CHANNELS,
+    TENSORBOARD_DIR,
+    ChannelSpec,
+    FileSystemInput,
+    cluster_of,
+    resolved_of,
+)
+from launcher.job import Job
+from launcher.rendezvous import static
+from launcher.shell import wrapped
+from launcher.workloads.base import InputPath
+
+REQUEST_FILE = "create_training_job.json"
+"""The CreateTrainingJob request in the run dir (rendered; replaced by the sent one)."""
+REQUIREMENTS_FILE = "requirements.txt"
+TIMESTAMP = "<timestamp>"
+"""Stands for the submission time (``YYYYMMDDHHMMSS``) in the rendered job name."""
+SDK_DRIVERS = f"{CHANNEL_ROOT}/sm_drivers/sm_train.sh"
+SDK_ENTRYPOINT = ("/bin/bash",)
+SDK_ARGUMENTS = ("-c", f"chmod +x {SDK_DRIVERS} && {SDK_DRIVERS}")
+"""How ModelTrainer starts a job with source code: its driver sources SM_* vars, installs
+``requirements.txt``, then runs our command from ``/opt/ml/input/data/code``."""
+JOB_NAME_MAX = 63
+BASE_NAME_MAX = JOB_NAME_MAX - len("-YYYYMMDDHHMMSS")
+
+FLOAT = r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+"""One capture group: a decimal number as the adapter prints it (also 1e-05)."""
+METRIC_LINES = (TRAIN_CE, TRAIN_PPL, EVAL_CE, EVAL_PPL, TOKENS_PER_SECOND)
+"""The adapter's metric line prefixes (``<prefix>: <float>``): the one place to switch to
+the adapter's own list of every objective's lines once it has one."""
+
+
+def metric_name(line_prefix: str) -> str:
+    """SageMaker's name of a metric line: ``Train metrics/train/LanguageCrossEntropy`` →
+    ``train:LanguageCrossEntropy``."""
+    split = line_prefix.split(" ", 1)[0].lower()
+    return f"{split}:{line_prefix.rsplit('/', 1)[-1]}"
+
+
+METRICS = {metric_name(prefix): prefix for prefix in METRIC_LINES}
+"""SageMaker metric name → the adapter's log line prefix."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Every resolved input of one training job; ``render`` and ``submit`` both start here."""
+
+    base_job_name: str
+    image: str
+    role: str
+    region: str | None
+    instance_type: str
+    instance_count: int
+    volume_size: int
+    keep_alive: int
+    use_spot: bool
+    max_run: int
+    max_wait: int | None
+    output_path: str
+    """``<cluster.output_path>/<base job name>``: S3OutputPath of the job."""
+    staging: str
+    """``cluster.output_path``: the SDK uploads inputs to ``<staging>/<base>/<job>/input``."""
+    checkpoint_s3_uri: str
+    tensorboard_s3_uri: str | None
+    channels: tuple[ChannelSpec, ...]
+    subnets: tuple[str, ...]
+    security_group_ids: tuple[str, ...]
+    tags: tuple[tuple[str, str], ...]
+    environment: tuple[tuple[str, str], ...]
+    source_dir: str | None = None
+    """A custom job's code directory, staged instead of the adapter package."""
+
+
+def artifacts(job: Job) -> Artifacts:
+    """The CreateTrainingJob request, train.sh, requirements.txt and the moved recipe."""
+    spec = job_spec(job)
+    request = render_request(spec, f"{spec.base_job_name}-{TIMESTAMP}")
+    files = {
+        REQUEST_FILE: json.dumps(request, indent=2) + "\n",
+        TRAIN_SCRIPT: render_train_sh(job),
+    }
+    requirements = job_requirements(job)
+    if requirements:
+        files[REQUIREMENTS_FILE] = "\n".join(requirements) + "\n"
+    record = {
+        "request_file": str(job.run_dir / REQUEST_FILE),
+        "region": spec.region,
+        "base_job_name": spec.base_job_name,
+        "output_path": spec.output_path,
+    }
+    command = ["bash", f"{CODE_DIR}/{TRAIN_SCRIPT}"]
+    return Artifacts(files=files, recipe=sm_recipe(job), command=command, record=record)
+
+
+def base_job_name(job: Job) -> str:
+    """``cluster.job_name_prefix`` or the run name, made a valid SageMaker name."""
+    prefix = cluster_of(job).job_name_prefix
+    if prefix is not None:
+        return prefix
+    name = re.sub(r"[^a-zA-Z0-9]+", "-", job.name).strip("-")
+    return name[:BASE_NAME_MAX].rstrip("-") or "run"
+
+
+def max_run(job: Job) -> int:
+    cluster = cluster_of(job)
+    if cluster.max_run is not None:
+        return cluster.max_run
+    return parse_time_limit(job.workload.time_limit) or 0
+
+
+def max_wait(job: Job) -> int | None:
+    cluster = cluster_of(job)
+    if not cluster.use_spot:
+        return None
+    return cluster.max_wait or min(2 * max_run(job), MAX_RUN_LIMIT)
+
+
+def run_prefix(job: Job) -> str:
+    return f"{_staging(job)}/{base_job_name(job)}"
+
+
+def _staging(job: Job) -> str:
+    return (cluster_of(job).output_path or "").rstrip("/")
+
+
+def data_inputs(job: Job) -> list[InputPath]:
+    """The workload's data paths; each is its own channel (named as the path: train, val)."""
+    return [path for path in job.workload.inputs() if path.role == "data"]
+
+
+def job_environment(job: Job) -> dict[str, str]:
+    """Container environment: base/GPU/EFA defaults, ``env_vars``, then ``cluster.environment``."""
+    return job.environment() | dict(cluster_of(job).environment)
+
+
+def job_requirements(job: Job) -> list[str]:
+    """``cluster.requirements``, else what the workload's code needs beyond PyTorch."""
+    requirements = cluster_of(job).requirements
+    return list(requirements) if requirements is not None else job.workload.requirements()
+
+
+def job_spec(job: Job) -> JobSpec:
+    """Every input of the job, from its config and ``job.resolved`` (pure; validated before)."""
+    cluster = cluster_of(job)
+    resolved = resolved_of(job)
+    prefix = run_prefix(job)
+    tensorboard = None
+    if job.workload.writes("tensorboard"):
+        tensorboard = cluster.tensorboard_output_path or f"{prefix}/tensorboard"
+    return JobSpec(
+        base_job_name=base_job_name(job),
+        image=resolved.image,
+        role=resolved.role or "",
+        region=resolved.region,
+        instance_type=job.settings.instance_type or "",
+        instance_count=job.num_nodes,
+        volume_size=cluster.volume_size,
+        keep_alive=cluster.keep_alive_period_in_seconds,
+        use_spot=cluster.use_spot,
+        max_run=max_run(job),
+        max_wait=max_wait(job),
+        output_path=prefix,
+        staging=_staging(job),
+        checkpoint_s3_uri=cluster.checkpoint_s3_uri or f"{prefix}/checkpoints",
+        tensorboard_s3_uri=tensorboard,
+        channels=resolved.channels,
+        subnets=tuple(cluster.subnets),
+        security_group_ids=tuple(cluster.security_group_ids),
+        tags=tuple(cluster.tags.items()),
+        environment=tuple(sorted(job_environment(job).items())),
+        source_dir=job.workload.source_dir,
+    )
+
+
+def sm_recipe(job: Job) -> dict[str, Any]:
+    """The resolved recipe with data, experiment, checkpoint and export paths under /opt/ml."""
+    moved = {
+        data.key: f"{CHANNEL_ROOT}/{data.name}"
+        for data in data_inputs(job)
+        if not data.value.startswith(f"{CHANNEL_ROOT}/")
+    }
+    for output in job.workload.outputs():
+        if output.key is not None and output.role in FIXED_OUTPUTS:
+            moved[output.key] = FIXED_OUTPUTS[output.role]
+    return job.workload.recipe_dict(moved)
+
+
+def metric_definitions() -> list[dict[str, str]]:
+    """One definition per adapter metric line: ``<prefix>: <float>``."""
+    return [
+        {"Name": name, "Regex": re.escape(prefix).replace("\\ ", " ") + ": " + FLOAT}
+        for name, prefix in METRICS.items()
+    ]
+
+
+TRAIN_SH = """\
+#!/usr/bin/env bash
+# Per-instance command of run {name} (sm_jobs backend). SageMaker runs it on each of the
+# {nodes} instance(s) from the job's source dir ({code}) after the SDK's driver exported
+# SM_CURRENT_HOST_RANK (this instance's rank), SM_MASTER_ADDR (algo-1) and SM_MASTER_PORT.
+set -euo pipefail
+echo "host ${{SM_CURRENT_HOST:-?}}: node rank ${{SM_CURRENT_HOST_RANK:-0}} of {nodes}"
+exec {command}
+"""
+
+
+def node_command(job: Job) -> list[str]:
+    """torchrun on one instance, rendezvous at the first instance (algo-1)."""
+    rdzv = static(
+        job.num_nodes,
+        job.devices,
+        node_rank="${SM_CURRENT_HOST_RANK:-0}",
+        master_addr="${SM_MASTER_ADDR:-localhost}",
+        master_port="${SM_MASTER_PORT:-7777}",
+    )
+    return job.workload.node_command(rdzv, f"{CODE_DIR}/{RECIPE_FILE}")
+
+
+def render_train_sh(job: Job) -> str:
+    return TRAIN_SH.format(
+        name=job.name, nodes=job.num_nodes, code=CODE_DIR, command=wrapped(node_command(job))
+    )
+
+
+# --- the CreateTrainingJob request -------------------------------------------------------
+
+
+def staged_uri(spec: JobSpec, job_name: str, channel: str, file: str | None = None) -> str:
+    """Where ModelTrainer uploads a local channel: a directory's prefix, or the ``file`` itself."""
+    uri = f"{spec.staging}/{spec.base_job_name}/{job_name}/input/{channel}"
+    return uri if file is None else f"{uri}/{Path(file).name}"
+
+
+def _s3_channel(name: str, uri: str) -> dict[str, Any]:
+    return {
+        "ChannelName": name,
+        "DataSource": {
+            "S3DataSource": {
+                "S3DataType": "S3Prefix",
+                "S3Uri": uri,
+                "S3DataDistributionType": "FullyReplicated",
+            }
+        },
+        "InputMode": "File",
+    }
+
+
+def _file_system_channel(name: str, fs: FileSystemInput) -> dict[str, Any]:
+    return {
+        "ChannelName": name,
+        "DataSource": {
+            "FileSystemDataSource": {
+                "FileSystemId": fs.file_system_id,
+                "FileSystemAccessMode": fs.file_system_access_mode,
+                "FileSystemType": fs.file_system_type,
+                "DirectoryPath": fs.directory_path,
+            }
+        },
+    }
+
+
+def render_channels(spec: JobSpec, job_name: str) -> list[dict[str, Any]]:
+    channels = []
+    for channel in spec.channels:
+        if channel.file_system is not None:
+            channels.append(_file_system_channel(channel.name, channel.file_system))
+        elif channel.local:
+            file = None if channel.directory else channel.source
+            channels.append(
+                _s3_channel(channel.name, staged_uri(spec, job_name, channel.name, file))
+            )
+        else:
+            channels.append(_s3_channel(channel.name, channel.source or ""))
+    channels += [_s3_channel(n, staged_uri(spec, job_name, n)) for n in SDK_CHANNELS]
+    return channels
+
+
+def render_request(spec: JobSpec, job_name: str) -> dict[str, Any]:
+    """The CreateTrainingJob request ModelTrainer sends for ``spec`` (boto3 field names)."""
+    resources: dict[str, Any] = {
+        "InstanceType": spec.instance_type,
+        "InstanceCount": spec.instance_count,
+        "VolumeSizeInGB": spec.volume_size,
+    }
+    if spec.keep_alive:
+        resources["KeepAlivePeriodInSeconds"] = spec.keep_alive
+    stopping: dict[str, int] = {"MaxRuntimeInSeconds": spec.max_run}
+    if spec.max_wait is not None:
+        stopping["MaxWaitTimeInSeconds"] = spec.max_wait
+    request: dict[str, Any] = {
+        "TrainingJobName": job_name,
+        "HyperParameters": {},
+        "AlgorithmSpecification": {
+            "TrainingImage": spec.image,
+            "TrainingInputMode": "File",
+            "MetricDefinitions": metric_definitions(),
+            "ContainerEntrypoint": list(SDK_ENTRYPOINT),
+            "ContainerArguments": list(SDK_ARGUMENTS),
+        },
+        "RoleArn": spec.role,
+        "InputDataConfig": render_channels(spec, job_name),
+        "OutputDataConfig": {"S3OutputPath": spec.output_path, "CompressionType": "GZIP"},
+        "ResourceConfig": resources,
+        "StoppingCondition": stopping,
+        "EnableManagedSpotTraining": spec.use_spot,
+        "CheckpointConfig": {"S3Uri": spec.checkpoint_s3_uri, "LocalPath": CHECKPOINT_DIR},
+        "Environment": dict(spec.environment),
+    }
+    if spec.subnets:
+        request["VpcConfig"] = {
+            "SecurityGroupIds": list(spec.security_group_ids),
+            "Subnets": list(spec.subnets),
+        }
+    if spec.tags:
+        request["Tags"] = [{"Key": k, "Value": v} for k, v in spec.tags]
+    if spec.tensorboard_s3_uri:
+        request["TensorBoardOutputConfig"] = {
+            "LocalPath": TENSORBOARD_DIR,
+            "S3OutputPath": spec.tensorboard_s3_uri,
+        }
+    return request
