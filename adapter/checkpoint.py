@@ -64,7 +64,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from adapter.config import Recipe, recipe_hash
 from adapter.distributed import DistEnv
-from adapter.layout import RECIPE_FILE
 from adapter.schema import to_dict
 
 log = logging.getLogger(__name__)
@@ -72,6 +71,7 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
 DCP_METADATA = ".metadata"
 ASSETS = "hf_assets"
+RECIPE_FILE = "recipe.yaml"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # A step directory being deleted is first renamed to this prefix + its name + a random tag.
 REMOVING = ".removing-"
