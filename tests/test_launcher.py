@@ -10,8 +10,11 @@ import pytest
 import yaml
 
 from adapter.config import load_recipe
+from launcher.__main__ import main as launcher_cli
 from launcher.compose import compose_config
 from launcher.planning import plan
+from launcher.record import LaunchRecord
+from launcher.state import JobState
 from tests.conftest import REPO, run_main
 
 # Tiny recipes run locally as shipped; the full-size ones are covered per cluster in
@@ -211,3 +214,73 @@ def test_searchpath_adds_a_directory_of_own_recipes(results: Path, tmp_path: Pat
     (own / "my_llama.yaml").write_text(recipe.replace("tiny_llama_sft", "my_llama"))
     cfg = compose_config([f"hydra.searchpath=[file://{own.parent}]", "recipes=my_llama"])
     assert cfg["recipes"]["run"]["name"] == "my_llama"
+
+
+# --- the launch record and the job states ----------------------------------------------------
+
+
+K8S_RECORD = {
+    "backend": "k8s",
+    "run_name": "run",
+    "run_dir": "/results/run",
+    "command": ["torchrun", "-m", "adapter.train"],
+    "resources": {
+        "num_nodes": 2,
+        "devices": 8,
+        "instance_type": None,
+        "container": "img",
+        "gpu": True,
+    },
+    "created_at": "2026-01-01T00:00:00+0000",
+    "dry_run": False,
+    "submitted": True,
+    "state": "CANCELLED",
+    "job_id": "default/run",
+    "job_name": "run",
+    "namespace": "default",
+    "kube_context": None,
+    "manifests": ["/results/run/configmap.yaml"],
+}
+
+
+def test_launch_record_is_typed_and_keeps_its_json_shape() -> None:
+    record = LaunchRecord.from_json(K8S_RECORD)
+    assert (record.state, record.resources.devices, record.exit_code) == (
+        JobState.CANCELLED,
+        8,
+        None,
+    )
+    assert record.details == {
+        "namespace": "default",
+        "kube_context": None,
+        "manifests": ["/results/run/configmap.yaml"],
+    }
+    assert record.to_json() == K8S_RECORD
+    updated = record.updated({"state": JobState.RUNNING, "exit_code": 0, "pods": {"a": "Running"}})
+    assert updated.to_json() == {
+        **K8S_RECORD,
+        "state": "RUNNING",
+        "exit_code": 0,
+        "pods": {"a": "Running"},
+    }
+
+
+def test_states_outside_the_set_are_unknown() -> None:
+    assert LaunchRecord.from_json({**K8S_RECORD, "state": "BOOT_FAIL"}).state is JobState.UNKNOWN
+    assert [s.value for s in JobState if s.live] == ["PENDING", "RUNNING"]
+    assert [s.value for s in JobState if s.finished] == ["COMPLETED", "FAILED", "CANCELLED"]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('{"run_name": "run"}', "launch.json has no 'backend': it was not written by main.py"),
+        ("[1, 2]", "launch.json: not a launch record (a JSON object)"),
+    ],
+)
+def test_a_file_that_is_no_launch_record_is_a_one_line_error(
+    text: str, error: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "launch.json").write_text(text)
+    assert launcher_cli(["status", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path}/{error}\n"
