@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from adapter.layout import RECIPE_FILE
+from adapter.layout import CHECKPOINTS_DIR, RECIPE_FILE, TRAIN_SCRIPT
 from adapter.schema import ConfigError
 from launcher.backends import available, get_backend
 from launcher.backends.base import Artifacts, Backend
@@ -117,9 +117,9 @@ def busy_run_dir(job: Job, what: str, unverified: bool = False) -> LaunchError:
     )
     return LaunchError(
         f"run {job.name} is in use: {what}. A second launch would write into the same run "
-        f"directory {run_dir} (checkpoints/, recipe.yaml, train.sh). Wait for it to end or "
-        f"stop it: python -m launcher cancel {run_dir}{override}; or launch this one under "
-        "another name: recipes.run.name=<new name>"
+        f"directory {run_dir} ({CHECKPOINTS_DIR}/, {RECIPE_FILE}, {TRAIN_SCRIPT}). Wait for it "
+        f"to end or stop it: python -m launcher cancel {run_dir}{override}; or launch this one "
+        "under another name: recipes.run.name=<new name>"
     )
 
 
