@@ -18,13 +18,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from adapter.attention import NAME as DOCUMENT_ATTENTION
 from adapter.attention import use_document_attention
-from adapter.checkpoint import (
-    CheckpointManager,
-    ModelOptimizerState,
-    build_pretrained_sharded,
-    describe_run,
-    export_root,
-)
+from adapter.checkpoint import CheckpointManager, ModelOptimizerState, RunInfo, describe_run
 from adapter.config import Recipe, parse_duration
 from adapter.data.dataset import DataStats, RawData, build_datasets, data_report, load_raw
 from adapter.data.formats import IGNORE_INDEX, DataError, Sample
@@ -43,7 +37,7 @@ from adapter.distributed import (
     gather_objects,
     init_distributed,
 )
-from adapter.export import export_model
+from adapter.export import ExportSchedule
 from adapter.loss import computing_loss, find_loss_head, last_positions, sum_cross_entropy
 from adapter.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
 from adapter.models import (
@@ -64,6 +58,7 @@ from adapter.parallel import (
 )
 from adapter.peft import apply_peft, check_peft, load_kwargs
 from adapter.tokenizer import load_tokenizer, train_tokenizer
+from adapter.weights import build_pretrained_sharded
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +137,8 @@ class Trainer:
             else None
         )
         self.checkpoints = CheckpointManager(recipe, self.env)
+        self.checkpoints.register(self.checkpoint_state(), self.describe_run)
+        self.exports = ExportSchedule(recipe, self.env)
         self.metrics = MetricsLogger(
             self.exp_dir,
             self.total_steps,
@@ -256,6 +253,9 @@ class Trainer:
             "train": self.state,
             **({"grad_scaler": self.scaler} if self.scaler is not None else {}),
         }
+
+    def describe_run(self) -> RunInfo:
+        return describe_run(self.recipe, self.model, self.tokenizer)
 
     # --- the loop ---------------------------------------------------------------------
     def fit(self) -> None:
@@ -411,8 +411,7 @@ class Trainer:
         return parse_duration(interval, self.sampler.steps_per_epoch)
 
     def _maybe_resume(self) -> None:
-        info = describe_run(self.recipe, self.model, self.tokenizer)
-        resumed = self.checkpoints.resume(self.checkpoint_state(), info)
+        resumed = self.checkpoints.resume()
         if resumed is None:
             return
         path, marker = resumed
@@ -425,11 +424,7 @@ class Trainer:
             )
 
     def _save(self, step: int, final: bool = False) -> None:
-        if not self.checkpoints.should_save(step, final):
-            return
-        info = describe_run(self.recipe, self.model, self.tokenizer)
-        # A save that fails on any rank (rank 0 alone writes the marker) raises on every rank.
-        report = self.checkpoints.save(step, self.checkpoint_state, info, final=final)
+        report = self.checkpoints.save(step, final)
         if report is None:
             return
         how = "async, writing in the background" if report.asynchronous else "sync"
@@ -439,18 +434,9 @@ class Trainer:
         )
 
     def _export(self, step: int, final: bool = False) -> None:
-        """The final Hugging Face export, and every ``export_full_model.every_n_train_steps``
-        steps one into ``<exp_dir>/exports/step_<N>``."""
-        export = self.recipe.exp_manager.export_full_model
-        every = export.every_n_train_steps
-        if final and export.save_last:
-            out = export_root(self.recipe)
-        elif not final and every and step % every == 0:
-            out = self.exp_dir / "exports" / f"step_{step}"
-        else:
-            return
-        export_model(self.model, self.tokenizer, self.recipe, self.env, out)
-        self.metrics.info(f"exported Hugging Face model (step {step}) to {out}")
+        out = self.exports.export(step, self.model, self.tokenizer, final)
+        if out is not None:
+            self.metrics.info(f"exported Hugging Face model (step {step}) to {out}")
 
     def _report_setup(self) -> None:
         stats, recipe = self.stats, self.recipe
