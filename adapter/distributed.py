@@ -66,6 +66,13 @@ def all_ranks(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` of any rank (one collective)."""
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def gather_objects(value: Any) -> list[Any]:
     """Every rank's ``value`` (picklable), in rank order, on every rank."""
     everyone: list[Any] = [None] * dist.get_world_size()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -20,7 +21,7 @@ from adapter.attention import NAME as DOCUMENT_ATTENTION
 from adapter.attention import use_document_attention
 from adapter.checkpoint import CheckpointManager, ModelOptimizerState, RunInfo, describe_run
 from adapter.config import Recipe, parse_duration
-from adapter.data.dataset import DataStats, RawData, build_datasets, data_report, load_raw
+from adapter.data.dataset import DataStats, build_datasets, data_report, load_raw
 from adapter.data.formats import IGNORE_INDEX, DataError, Sample
 from adapter.data.loader import (
     Batch,
@@ -31,13 +32,13 @@ from adapter.data.loader import (
 )
 from adapter.distributed import (
     DistEnv,
-    all_ranks,
     all_reduce_sum,
     fail_together,
     gather_objects,
     init_distributed,
 )
 from adapter.export import ExportSchedule
+from adapter.generation import generate
 from adapter.loss import computing_loss, find_loss_head, last_positions, sum_cross_entropy
 from adapter.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
 from adapter.models import (
@@ -57,10 +58,13 @@ from adapter.parallel import (
     set_gradient_sync,
 )
 from adapter.peft import apply_peft, check_peft, load_kwargs
-from adapter.tokenizer import load_tokenizer, train_tokenizer
+from adapter.tokenizer import load_tokenizer, save_trained_tokenizer, saved_or_trained_tokenizer
 from adapter.weights import build_pretrained_sharded
 
 log = logging.getLogger(__name__)
+
+SAMPLE_TOKENS = 12
+"""Tokens generated at most for each sample completion logged at the end of training."""
 
 
 @dataclass
@@ -155,7 +159,8 @@ class Trainer:
             tokenizer = load_tokenizer(model)
             raw = load_raw(model.data, model.seed, str(self.exp_dir), tokenizer)
             if tokenizer is None:
-                tokenizer, trained = self._saved_or_trained_tokenizer(raw)
+                texts, vocab = raw.texts, model.vocab_size
+                tokenizer, trained = saved_or_trained_tokenizer(self.exp_dir, texts, vocab)
             data = build_datasets(
                 raw,
                 tokenizer,
@@ -165,24 +170,12 @@ class Trainer:
                 model.seed,
             )
         # Saved once every rank has chosen between the saved tokenizer and training one.
-        with fail_together("saving the trained tokenizer"):
-            if trained and self.env.is_main:
-                tokenizer.save_pretrained(self.exp_dir / "tokenizer")
+        save_trained_tokenizer(tokenizer, trained, self.exp_dir, self.env)
         self.train_set: list[Sample] = data.train
         self.val_set: list[Sample] = data.val
         self.stats = data.stats
         check_same_data(tokenizer, data.train, data.val)
         return tokenizer
-
-    def _saved_or_trained_tokenizer(self, raw: RawData) -> tuple[Any, bool]:
-        """The tokenizer this run trained before (resume), else one trained on the data;
-        and whether it was trained now."""
-        saved = self.exp_dir / "tokenizer"
-        if (saved / "tokenizer.json").is_file():
-            from transformers import PreTrainedTokenizerFast
-
-            return PreTrainedTokenizerFast.from_pretrained(saved), False
-        return train_tokenizer(raw.texts(), self.recipe.model.vocab_size or 1024), True
 
     def _build_model(self) -> nn.Module:
         model_cfg = self.recipe.model
@@ -463,56 +456,38 @@ class Trainer:
 
     def _show_samples(self, count: int = 5) -> list[list[int]]:
         """Log greedy completions of a few validation prompts; returns this rank's (every
-        rank runs the forwards, and as many: see ``greedy_complete``)."""
-        rows = [s for s in self.val_set[:count]]
-        if not rows:
+        rank runs the forwards, and as many: see ``adapter.generation``)."""
+        prompts = [sample_prompt(sample) for sample in self.val_set[:count]]
+        if not prompts:
             return []
         self.metrics.info("sample completions:")
-        completions = []
         self.model.eval()
-        for sample in rows:
-            labels = enumerate(sample.labels)
-            prompt_len = next((i for i, label in labels if label != IGNORE_INDEX), 0)
-            if prompt_len < 2:  # no prompt (text, pre-tokenized): continue the first tokens
-                prompt_len = min(16, len(sample.input_ids) // 2)
-            prompt = sample.input_ids[:prompt_len]
-            with autocast(self.recipe, self.env.device):
-                completion = greedy_complete(
-                    self.model, prompt, self.tokenizer.eos_token_id, 12, self.env.device
-                )
-            decode = self.tokenizer.decode
-            rest = sample.input_ids[prompt_len : prompt_len + 24]
-            expected = decode(rest, skip_special_tokens=True)
-            self.metrics.info(
-                f"  {decode(prompt, skip_special_tokens=True)!r} → "
-                f"{decode(completion, skip_special_tokens=True)!r} (expected {expected!r})"
+        with autocast(self.recipe, self.env.device):
+            completions = generate(
+                self.model,
+                [prompt for prompt, _ in prompts],
+                SAMPLE_TOKENS,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                device=self.env.device,
             )
-            completions.append(completion)
-        return completions
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+        for (prompt, expected), tokens in zip(prompts, completions.tokens, strict=True):
+            self.metrics.info(
+                f"  {decode(prompt)!r} → {decode(tokens)!r} (expected {decode(expected)!r})"
+            )
+        return completions.tokens
 
 
-@torch.no_grad()
-def greedy_complete(
-    model: nn.Module, prompt: list[int], eos: int | None, max_new: int, device: torch.device
-) -> list[int]:
-    """Greedy continuation of ``prompt`` up to ``eos`` or ``max_new`` tokens.
-
-    Every rank must call it (under FSDP each forward is a collective) and the ranks stop
-    together, once each has met its EOS (one all-reduce per token): ranks may disagree on
-    the tokens (nondeterministic kernels), and one that stopped alone would leave the
-    others waiting in its collective. A rank that is done repeats its last forward, unused.
-    """
-    ids = list(prompt)
-    done = False
-    for _ in range(max_new):
-        logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits
-        token = int(logits[0, -1].argmax())
-        done = done or token == eos
-        if not done:
-            ids.append(token)
-        if all_ranks(done, device):
-            break
-    return ids[len(prompt) :]
+def sample_prompt(sample: Sample, shown: int = 24) -> tuple[list[int], list[int]]:
+    """A sample's prompt (the tokens before its first label) and the ``shown`` tokens the
+    data continues with; a sample without a prompt (text, pre-tokenized) is continued from
+    its first tokens."""
+    prompt_len = next((i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX), 0)
+    if prompt_len < 2:
+        prompt_len = min(16, len(sample.input_ids) // 2)
+    ids = sample.input_ids
+    return ids[:prompt_len], ids[prompt_len : prompt_len + shown]
 
 
 def check_same_data(tokenizer: Any, train: list[Sample], val: list[Sample]) -> None:
