@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from adapter.families import FAMILIES, GENERIC_ARCH_KEYS, REMOTE_CODE, unknown_family
+from adapter.objectives import OBJECTIVES, unknown_objective
 from adapter.schema import Problem, bounded, load, nested, rule, to_dict
 
 Precision = Literal["32", "bf16", "16"]
@@ -261,6 +262,9 @@ class ModelConfig:
     """Tokenizer; null = the model's, or one trained on the training text for random-init models."""
     trust_remote_code: bool = False
     """Allow models whose code lives in their repo (ChatGLM-6B)."""
+    objective: str = "sft"
+    """Training objective, from ``adapter.objectives``: ``sft`` (supervised fine-tuning and
+    continued pretraining)."""
     max_context_width: int = bounded(2048, ge=8)
     """Sequence length in tokens (longer samples are truncated)."""
     train_batch_size: int = bounded(1, ge=1)
@@ -323,6 +327,12 @@ class ModelConfig:
                 f"max_position_embeddings={positions}; lower it or raise the positions",
             )
         ]
+
+    @rule("objective")
+    def _objective_is_registered(self) -> list[Problem]:
+        if self.objective in OBJECTIVES:
+            return []
+        return [Problem("objective", unknown_objective(self.objective))]
 
     @rule("hidden_size", "num_attention_heads")
     def _heads_divide_width(self) -> list[Problem]:

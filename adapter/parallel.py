@@ -79,20 +79,25 @@ def autocast(recipe: Recipe, device: torch.device) -> contextlib.AbstractContext
 
 
 def parallelize(
-    model: nn.Module, layers: list[nn.Module], recipe: Recipe, device: torch.device
+    model: nn.Module,
+    layers: list[nn.Module],
+    recipe: Recipe,
+    device: torch.device,
+    frozen: bool = False,
 ) -> nn.Module:
     """Fused LM-head loss → activation checkpointing → compile → FSDP2 / DDP / nothing
-    (``data_parallel``)."""
+    (``data_parallel``). A ``frozen`` model (no gradients: a reference) is sharded like
+    the policy but never replicated: DDP has no gradients of it to reduce."""
     cfg = recipe.model
     install_loss_head(model)
-    if cfg.activation_checkpointing:
+    if cfg.activation_checkpointing and not frozen:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         for layer in layers:
             layer.compile()
     mode = data_parallel(recipe)
     if mode == "replicate":
-        return replicate_model(model)
+        return model if frozen else replicate_model(model)
     if mode == "fsdp":
         shard_model(model, layers, recipe, device)
     return model

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.adapter_helpers import tiny_recipe
+from tests.adapter_helpers import finish_worker, tiny_recipe
 from tests.conftest import UPDATE_REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,14 +137,8 @@ def _run_case(recipe_data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _worker(spec_file: str, out_file: str) -> None:
-    import torch.distributed as dist
-
     cases = json.loads(Path(spec_file).read_text())
-    results = {name: _run_case(recipe) for name, recipe in cases.items()}
-    if dist.get_rank() == 0:
-        Path(out_file).write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker({name: _run_case(recipe) for name, recipe in cases.items()}, out_file)
 
 
 if __name__ == "__main__":
