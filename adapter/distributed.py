@@ -16,6 +16,8 @@ from adapter.config import TrainerConfig
 
 @dataclass(frozen=True)
 class DistEnv:
+    """This process's place in the job: its ranks, the world size and its device."""
+
     rank: int
     local_rank: int
     world_size: int

@@ -35,7 +35,7 @@ DataParallel = Literal["fsdp", "replicate", "single"]
 
 def data_parallel(recipe: Recipe) -> DataParallel:
     """How this run's ranks share the model (see the module docstring)."""
-    if recipe.model.offload_activations:
+    if recipe.model.offloads_to_cpu:
         return "fsdp"
     if recipe.world_size == 1:
         return "single"
@@ -49,7 +49,7 @@ def describe_parallelism(recipe: Recipe) -> str:
         return "one rank, no data parallelism"
     if mode == "replicate":
         return "DDP (replicated, gradient all-reduce)"
-    offload = ", parameters offloaded to CPU" if recipe.model.offload_activations else ""
+    offload = ", parameters offloaded to CPU" if recipe.model.offloads_to_cpu else ""
     return f"FSDP2 {recipe.model.sharding_strategy}{offload}"
 
 
@@ -113,7 +113,7 @@ def shard_model(
         "reshard_after_forward": cfg.sharding_strategy != "shard_grad_op",
         "mp_policy": mixed_precision(recipe.trainer.precision),
     }
-    if cfg.offload_activations:
+    if cfg.offloads_to_cpu:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for layer in layers:
         fully_shard(layer, **options)

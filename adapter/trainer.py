@@ -31,6 +31,7 @@ from adapter.distributed import DistEnv, fail_together, gather_objects, init_dis
 from adapter.export import ExportSchedule
 from adapter.generation import generate
 from adapter.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
+from adapter.objectives import OBJECTIVES
 from adapter.objectives.base import LossOutput, Objective, TrainingData, objective_class
 from adapter.optim import build_optimizer, build_scheduler
 from adapter.parallel import autocast, describe_parallelism, set_gradient_sync
@@ -187,7 +188,7 @@ class Trainer:
         reported = torch.cat([summed.double(), counts, grad_norm.double().reshape(1)]).tolist()
         totals = sums.named(reported[: len(sums)])
         units, tokens, norm = reported[len(sums) :]
-        metrics = self.objective.metrics(totals, units)
+        metrics = self._declared(self.objective.metrics(totals, units), "train_metrics")
         return StepResult(totals["loss"] / max(units, 1.0), int(tokens), norm, metrics)
 
     def evaluate(self) -> float:
@@ -219,10 +220,23 @@ class Trainer:
         reported = local.tolist()
         totals, units = sums.named(reported[:-1]), reported[-1]
         value = totals["loss"] / max(units, 1.0)
-        self.metrics.eval(self.state.step, value, self.objective.eval_metrics(totals, units))
+        named = self._declared(self.objective.eval_metrics(totals, units), "eval_metrics")
+        self.metrics.eval(self.state.step, value, named)
         return value
 
     # --- helpers ----------------------------------------------------------------------
+    def _declared(self, values: dict[str, float], kind: str) -> dict[str, float]:
+        """``values`` if they are the metrics the objective's registry entry declares (the
+        SageMaker metric definitions are made from those); else an error naming both."""
+        name = self.recipe.model.objective
+        declared = getattr(OBJECTIVES[name], kind)
+        if tuple(values) != declared:
+            raise RuntimeError(
+                f"objective {name!r} reported {list(values)}, but its entry in "
+                f"adapter.objectives.OBJECTIVES declares {kind}={list(declared)}"
+            )
+        return values
+
     def _optimizer_step(self) -> torch.Tensor:
         """Unscale (fp16), clip, step, schedule; returns the total gradient norm (0-dim,
         on the device)."""
