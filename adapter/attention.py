@@ -17,8 +17,8 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 
 NAME = "document_sdpa"
 """The attention implementation's name in Hugging Face's registry."""
@@ -106,9 +106,9 @@ def one_document(
         positions = torch.arange(n, device=q.device)
         distance = positions[:, None] - positions[None, :]
         window = (distance >= 0) & (distance < sliding_window)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=window, **options)
+        out = functional.scaled_dot_product_attention(q, k, v, attn_mask=window, **options)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **options)
+        out = functional.scaled_dot_product_attention(q, k, v, is_causal=True, **options)
     return out[0]
 
 

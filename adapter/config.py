@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from adapter.families import FAMILIES, GENERIC_ARCH_KEYS, REMOTE_CODE, unknown_family
+from adapter.objectives import OBJECTIVES, unknown_objective
 from adapter.schema import Problem, bounded, load, nested, rule, to_dict
 
 Precision = Literal["32", "bf16", "16"]
@@ -34,6 +35,8 @@ MPT_PROMPT_TEMPLATE = (
 
 @dataclass(kw_only=True)
 class RunConfig:
+    """The run's identity (``run``): its name and wall-clock limit."""
+
     name: str = "run"
     """Run name: the results directory is ``<base_results_dir>/<name>``."""
     time_limit: str = "6-00:00:00"
@@ -55,6 +58,9 @@ class RunConfig:
 
 @dataclass(kw_only=True)
 class TrainerConfig:
+    """Where and how long to train (``trainer``): devices and nodes, precision, steps or
+    epochs, and how often to evaluate and log."""
+
     devices: int = bounded(1, ge=1)
     """Processes (GPUs, or CPU ranks) per node: torchrun's ``--nproc_per_node``."""
     num_nodes: int = bounded(1, ge=1)
@@ -98,6 +104,9 @@ class TrainerConfig:
 
 @dataclass(kw_only=True)
 class CheckpointCallbackParams:
+    """When sharded checkpoints are saved and how many are kept
+    (``exp_manager.checkpoint_callback_params``)."""
+
     every_n_train_steps: int = bounded(0, ge=0)
     """Save a sharded checkpoint every N optimizer steps; 0 = only at the end (``save_last``)."""
     save_top_k: int = bounded(3, ge=-1)
@@ -108,6 +117,9 @@ class CheckpointCallbackParams:
 
 @dataclass(kw_only=True)
 class ExportFullModel:
+    """The Hugging Face export of the trained model (``exp_manager.export_full_model``):
+    when, where, in which dtype, and whether PEFT adapters are merged too."""
+
     every_n_train_steps: int = bounded(0, ge=0)
     """Also export a Hugging Face model every N steps (0 = off)."""
     save_last: bool = True
@@ -122,6 +134,9 @@ class ExportFullModel:
 
 @dataclass(kw_only=True)
 class ExpManagerConfig:
+    """Where a run's results go and how it resumes (``exp_manager``): experiment and
+    checkpoint directories, auto-resume, async checkpoints, TensorBoard, exports."""
+
     exp_dir: str | None = None
     """Experiment directory; null = the launch's results dir ``<base_results_dir>/<run.name>``."""
     checkpoint_dir: str | None = None
@@ -142,6 +157,9 @@ class ExpManagerConfig:
 
 @dataclass(kw_only=True)
 class SchedConfig:
+    """The learning-rate schedule (``model.optim.sched``): warmup, then cosine, linear or
+    constant."""
+
     name: SchedName = "cosine"
     """Learning-rate schedule after warmup."""
     warmup_steps: int | None = bounded(None, ge=0)
@@ -154,6 +172,8 @@ class SchedConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
+    """The optimizer (``model.optim``): AdamW's settings and the learning-rate schedule."""
+
     name: Literal["adamw"] = "adamw"
     """Optimizer (AdamW; fused/foreach implementation chosen for the device)."""
     lr: float = bounded(1e-4, gt=0.0)
@@ -177,6 +197,8 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class PeftConfig:
+    """Parameter-efficient fine-tuning (``model.peft``): the method and its sizes."""
+
     peft_type: PeftType = None
     """Parameter-efficient method; null = full fine-tuning."""
     rank: int = bounded(8, ge=1)
@@ -195,6 +217,9 @@ class PeftConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
+    """The training and validation data (``model.data``): where it is, its format, how
+    prompts are templated and masked, packing, bad rows."""
+
     dataset_type: DatasetType = "prompt_response"
     """Format of the files in ``train_dir`` / ``val_dir``."""
     train_dir: str | None = None
@@ -252,6 +277,9 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
+    """The model and how it is trained (``model``): pretrained weights or a random-init
+    architecture, objective, batch sizes, parallelism, optimizer, PEFT and data."""
+
     model_type: str = "llama"
     """Model family of a random-init model (``adapter.families``: llama, mistral, mixtral,
     qwen2, mpt, gpt2, glm); a pretrained model's family comes from its checkpoint."""
@@ -261,6 +289,9 @@ class ModelConfig:
     """Tokenizer; null = the model's, or one trained on the training text for random-init models."""
     trust_remote_code: bool = False
     """Allow models whose code lives in their repo (ChatGLM-6B)."""
+    objective: str = "sft"
+    """Training objective, from ``adapter.objectives``: ``sft`` (supervised fine-tuning and
+    continued pretraining)."""
     max_context_width: int = bounded(2048, ge=8)
     """Sequence length in tokens (longer samples are truncated)."""
     train_batch_size: int = bounded(1, ge=1)
@@ -276,8 +307,15 @@ class ModelConfig:
     """GPUs per shard group for hybrid_shard; null = devices per node."""
     activation_checkpointing: bool = False
     """Recompute decoder-layer activations in the backward pass."""
-    offload_activations: bool = False
-    """Offload parameters/gradients/optimizer state to CPU (FSDP2 CPUOffloadPolicy)."""
+    cpu_offload: bool | None = None
+    """Keep parameters, gradients and optimizer state in CPU memory (FSDP2's
+    ``CPUOffloadPolicy``: each layer's weights are copied in for its forward and backward,
+    the optimizer steps on the CPU); activations stay on the device. Always runs FSDP2,
+    also for no_shard and one rank. null = off (or ``offload_activations``)."""
+    offload_activations: bool | None = None
+    """HyperPod's name for ``cpu_offload``, kept for its recipes: despite the name it
+    offloads parameters, gradients and optimizer state, not activations. Set one of the
+    two; ``offloads_to_cpu`` is what they say."""
     compile: bool = False
     """``torch.compile`` each decoder layer."""
     seed: int = 1234
@@ -323,6 +361,29 @@ class ModelConfig:
                 f"max_position_embeddings={positions}; lower it or raise the positions",
             )
         ]
+
+    @property
+    def offloads_to_cpu(self) -> bool:
+        """``cpu_offload``, else its HyperPod alias ``offload_activations``; off if neither."""
+        given = self.cpu_offload if self.cpu_offload is not None else self.offload_activations
+        return bool(given)
+
+    @rule("cpu_offload", "offload_activations")
+    def _one_offload_setting(self) -> list[Problem]:
+        primary, alias = self.cpu_offload, self.offload_activations
+        if primary is None or alias is None or primary == alias:
+            return []
+        message = (
+            f"got {str(primary).lower()}, but model.offload_activations (its HyperPod name) is "
+            f"{str(alias).lower()}; set one of the two, e.g. model.cpu_offload alone"
+        )
+        return [Problem("cpu_offload", message)]
+
+    @rule("objective")
+    def _objective_is_registered(self) -> list[Problem]:
+        if self.objective in OBJECTIVES:
+            return []
+        return [Problem("objective", unknown_objective(self.objective))]
 
     @rule("hidden_size", "num_attention_heads")
     def _heads_divide_width(self) -> list[Problem]:
@@ -396,6 +457,9 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class Recipe:
+    """A whole training recipe: the four sections of a HyperPod v1 recipe. The launcher
+    validates it; the adapter runs it from the resolved ``recipe.yaml``."""
+
     run: RunConfig = nested(RunConfig)
     """Run identity and wall-clock limit."""
     trainer: TrainerConfig = nested(TrainerConfig)

@@ -16,6 +16,8 @@ from adapter.config import TrainerConfig
 
 @dataclass(frozen=True)
 class DistEnv:
+    """This process's place in the job: its ranks, the world size and its device."""
+
     rank: int
     local_rank: int
     world_size: int
@@ -64,6 +66,13 @@ def all_ranks(flag: bool, device: torch.device) -> bool:
     tensor = torch.tensor([int(flag)], dtype=torch.int32, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return bool(tensor.item())
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` of any rank (one collective)."""
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def gather_objects(value: Any) -> list[Any]:

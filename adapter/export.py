@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -38,8 +39,8 @@ from adapter.checkpoint import (
     SAVE_ERRORS,
     CheckpointError,
     DamagedCheckpoint,
+    ensure_writable,
     file_problems,
-    parameters_on_meta,
     read_marker,
     resolve_checkpoint,
 )
@@ -47,6 +48,7 @@ from adapter.config import Recipe, load_recipe
 from adapter.distributed import DistEnv, fail_together
 from adapter.layout import MERGED_DIR
 from adapter.schema import ConfigError, to_dict
+from adapter.weights import parameters_on_meta
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,53 @@ def export_dtype(recipe: Recipe, override: str | None = None) -> torch.dtype:
 
 
 # --- from the training job ----------------------------------------------------------------
+def export_root(recipe: Recipe) -> Path:
+    """Final Hugging Face export: ``export_full_model.output_dir``, else SageMaker's model
+    dir (``$SM_MODEL_DIR``, /opt/ml/model) inside a training job, else ``<exp_dir>/hf_model``."""
+    export = recipe.exp_manager.export_full_model
+    if export.output_dir:
+        return Path(export.output_dir)
+    if os.environ.get("SM_MODEL_DIR"):
+        return Path(os.environ["SM_MODEL_DIR"])
+    return Path(recipe.exp_manager.exp_dir or ".") / "hf_model"
+
+
+class ExportSchedule:
+    """When the training job exports a Hugging Face model and where it goes: every
+    ``export_full_model.every_n_train_steps`` steps into ``<exp_dir>/exports/step_<N>``, and
+    when training ends (``save_last``) into ``export_root``.
+
+    Built before training: a directory the final export can't write to fails in seconds,
+    not after the last step (a collective, like ``export``).
+    """
+
+    def __init__(self, recipe: Recipe, env: DistEnv) -> None:
+        self.recipe = recipe
+        self.env = env
+        self.params = recipe.exp_manager.export_full_model
+        self.exp_dir = Path(recipe.exp_manager.exp_dir or ".")
+        wanted = self.params.save_last or self.params.every_n_train_steps
+        ensure_writable([export_root(recipe)] if wanted else [], env)
+
+    def destination(self, step: int, final: bool = False) -> Path | None:
+        """Where the export after ``step`` goes; None when none is due."""
+        every = self.params.every_n_train_steps
+        if final and self.params.save_last:
+            return export_root(self.recipe)
+        if not final and every and step % every == 0:
+            return self.exp_dir / "exports" / f"step_{step}"
+        return None
+
+    def export(
+        self, step: int, model: nn.Module, tokenizer: Any, final: bool = False
+    ) -> Path | None:
+        """Export ``model`` if an export is due after ``step``; returns where it went."""
+        out = self.destination(step, final)
+        if out is None:
+            return None
+        return export_model(model, tokenizer, self.recipe, self.env, out)
+
+
 def export_model(
     model: nn.Module, tokenizer: Any, recipe: Recipe, env: DistEnv, out_dir: Path
 ) -> Path:

@@ -32,6 +32,8 @@ PackedAttention = Literal["position_ids", "block_mask"]
 
 @dataclass(frozen=True)
 class ModelFamily:
+    """A model family a random-init model can be built from (see the module docstring)."""
+
     hf_model_type: str
     """``model_type`` of the family's Hugging Face config."""
     layer_classes: tuple[str, ...]

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
+from adapter import generation
 from adapter.config import Recipe, load_recipe
 from adapter.layout import MERGED_DIR, RECIPE_FILE
 from adapter.schema import ConfigError
@@ -100,19 +100,19 @@ def load_adapter(adapter_dir: Path, trust_remote_code: bool) -> Any:
     )
 
 
-@torch.no_grad()
 def complete(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> str:
-    """Greedy completion of ``ids`` (the prompt itself not included)."""
-    inputs = torch.tensor([ids])
-    output = model.generate(
-        input_ids=inputs,
-        attention_mask=torch.ones_like(inputs),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
+    """Greedy completion of ``ids`` (the prompt itself not included), by the adapter's
+    decoder (``adapter.generation``): the tokens Hugging Face's greedy ``generate`` gives."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    completions = generation.generate(
+        model,
+        [ids],
+        max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+        device=model.device,
     )
-    return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
+    return tokenizer.decode(completions.tokens[0], skip_special_tokens=True)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

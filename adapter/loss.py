@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 from torch.utils.checkpoint import checkpoint
 
 from adapter.data.formats import IGNORE_INDEX
@@ -48,7 +48,7 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.labels is None:
-            return F.linear(hidden, self.weight)
+            return functional.linear(hidden, self.weight)
         hidden = last_positions(hidden, self.labels.shape[1])
         return linear_cross_entropy(hidden, self.weight, self.labels)
 
@@ -98,7 +98,7 @@ def last_positions(outputs: torch.Tensor, length: int) -> torch.Tensor:
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """Position t predicts token t+1: labels shifted left, the last position ignored.
     (The labels are shifted, not the logits: slicing those would copy them.)"""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    return functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
 
 
 def sum_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -108,13 +108,15 @@ def sum_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     targets = shifted_targets(labels)
     flat = logits.flatten(0, 1)
     if flat.dtype == torch.float32:
-        return F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return functional.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     chunks = zip(flat.split(CHUNK_TOKENS), targets.split(CHUNK_TOKENS), strict=True)
     return sum(checkpoint(_fp32_cross_entropy, x, y, use_reentrant=False) for x, y in chunks)
 
 
 def _fp32_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return functional.cross_entropy(
+        logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def linear_cross_entropy(
@@ -124,7 +126,7 @@ def linear_cross_entropy(
 
     ``hidden``: (batch, seq, hidden) final hidden states; ``labels``: (batch, seq) with
     ``IGNORE_INDEX`` where there is nothing to predict. Log-softmax in fp32 whatever the
-    compute dtype. Equals ``sum_cross_entropy(F.linear(hidden, weight), labels)``.
+    compute dtype. Equals ``sum_cross_entropy(functional.linear(hidden, weight), labels)``.
     """
     targets = shifted_targets(labels)
     flat = hidden.flatten(0, 1)
@@ -141,7 +143,7 @@ def _chunked_loss(
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for h, y in zip(hidden.split(CHUNK_TOKENS), targets.split(CHUNK_TOKENS), strict=True):
         logits = (h @ weight.t()).float()
-        total += F.cross_entropy(logits, y, reduction="sum")
+        total += functional.cross_entropy(logits, y, reduction="sum")
     return total
 
 

@@ -1,8 +1,10 @@
 """Rank-0 metric output: the contract log lines, metrics.jsonl, TensorBoard, progress, loss plot.
 
-The lines ``Train metrics/train/LanguageCrossEntropy: <float>`` (and Perplexity, and the
-Eval ones) are parsed by SageMaker metric definitions and users' CloudWatch regexes:
-keep them exactly as they are.
+Each objective reports named values (SFT: ``LanguageCrossEntropy``, ``LanguagePerplexity``)
+printed as ``Train metrics/train/<name>: <float>`` and ``Eval metrics/eval/<name>: <float>``:
+SageMaker metric definitions and users' CloudWatch regexes parse these lines, so a name,
+once released, stays. ``metric_names`` lists every line prefix of every objective, from the
+torch-free registry (``adapter.objectives``), for the launcher to define them from.
 """
 
 from __future__ import annotations
@@ -14,14 +16,29 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapter.objectives import OBJECTIVES
+
 if TYPE_CHECKING:
     import torch
 
+TRAIN_PREFIX = "Train metrics/train/"
+EVAL_PREFIX = "Eval metrics/eval/"
 TRAIN_CE = "Train metrics/train/LanguageCrossEntropy"
 TRAIN_PPL = "Train metrics/train/LanguagePerplexity"
 EVAL_CE = "Eval metrics/eval/LanguageCrossEntropy"
 EVAL_PPL = "Eval metrics/eval/LanguagePerplexity"
 TOKENS_PER_SECOND = "Train metrics/throughput/TokensPerSecond"
+
+
+def metric_names(objective: str | None = None) -> list[str]:
+    """Every metric line prefix the adapter prints (a line is ``<prefix>: <float>``): the
+    train and eval values of each registered objective (of ``objective`` alone when given)
+    and the throughput line, without repeats."""
+    specs = [OBJECTIVES[objective]] if objective is not None else list(OBJECTIVES.values())
+    names = [TRAIN_PREFIX + name for spec in specs for name in spec.train_metrics]
+    names += [EVAL_PREFIX + name for spec in specs for name in spec.eval_metrics]
+    return list(dict.fromkeys([*names, TOKENS_PER_SECOND]))
+
 
 # Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name().
 PEAK_FLOPS = {
@@ -61,7 +78,8 @@ def perplexity(loss: float) -> float:
 
 
 class MetricsLogger:
-    """Writes metrics on rank 0; every method is a no-op on other ranks."""
+    """Writes metrics on rank 0 (stdout lines, ``metrics.jsonl``, TensorBoard, ``loss.png``);
+    every method is a no-op on other ranks."""
 
     def __init__(self, exp_dir: Path, total_steps: int, enabled: bool, tensorboard: bool) -> None:
         self.enabled = enabled
@@ -84,12 +102,14 @@ class MetricsLogger:
             self._clear_progress()
             print(message, flush=True)
 
-    def train(self, step: int, values: dict[str, Any]) -> None:
+    def train(self, step: int, values: dict[str, Any], metrics: dict[str, float]) -> None:
+        """One logged step: ``values`` of the loop (loss, lr, grad_norm, tokens_per_s, ...)
+        and the objective's named ``metrics``."""
         if not self.enabled:
             return
         loss = values["loss"]
         self.history["train"].append((step, loss))
-        self._record("train", step, values)
+        self._record("train", step, {**values, **metrics})
         self._clear_progress()
         eta = self._eta(step)
         mfu = f" | mfu {values['mfu']:.1%}" if values.get("mfu") is not None else ""
@@ -101,18 +121,19 @@ class MetricsLogger:
             f"| eta {eta}",
             flush=True,
         )
-        print(f"{TRAIN_CE}: {loss:.6f}", flush=True)
-        print(f"{TRAIN_PPL}: {perplexity(loss):.6f}", flush=True)
+        for name, value in metrics.items():
+            print(f"{TRAIN_PREFIX}{name}: {value:.6f}", flush=True)
         print(f"{TOKENS_PER_SECOND}: {values['tokens_per_s']:.2f}", flush=True)
 
-    def eval(self, step: int, loss: float) -> None:
+    def eval(self, step: int, loss: float, metrics: dict[str, float]) -> None:
+        """The eval ``loss`` (the objective's, per unit) and its named ``metrics``."""
         if not self.enabled:
             return
         self.history["eval"].append((step, loss))
-        self._record("eval", step, {"loss": loss})
+        self._record("eval", step, {"loss": loss, **metrics})
         self._clear_progress()
-        print(f"{EVAL_CE}: {loss:.6f}", flush=True)
-        print(f"{EVAL_PPL}: {perplexity(loss):.6f}", flush=True)
+        for name, value in metrics.items():
+            print(f"{EVAL_PREFIX}{name}: {value:.6f}", flush=True)
 
     def progress(self, step: int, loss: float) -> None:
         """A one-line progress bar with ETA, redrawn in place (terminals only)."""
@@ -138,8 +159,6 @@ class MetricsLogger:
 
     def _record(self, split: str, step: int, values: dict[str, Any]) -> None:
         row = {"split": split, "step": step, "time": round(time.time(), 3), **values}
-        if split == "train" or "perplexity" not in row:
-            row["perplexity"] = perplexity(values["loss"])
         assert self.jsonl is not None
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
@@ -175,7 +194,7 @@ class MetricsLogger:
                     *zip(*points, strict=True), label=split, marker="o" if split == "eval" else None
                 )
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy")
+        ax.set_ylabel("loss")
         ax.legend()
         fig.tight_layout()
         fig.savefig(self.exp_dir / "loss.png")

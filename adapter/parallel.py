@@ -35,7 +35,7 @@ DataParallel = Literal["fsdp", "replicate", "single"]
 
 def data_parallel(recipe: Recipe) -> DataParallel:
     """How this run's ranks share the model (see the module docstring)."""
-    if recipe.model.offload_activations:
+    if recipe.model.offloads_to_cpu:
         return "fsdp"
     if recipe.world_size == 1:
         return "single"
@@ -49,7 +49,7 @@ def describe_parallelism(recipe: Recipe) -> str:
         return "one rank, no data parallelism"
     if mode == "replicate":
         return "DDP (replicated, gradient all-reduce)"
-    offload = ", parameters offloaded to CPU" if recipe.model.offload_activations else ""
+    offload = ", parameters offloaded to CPU" if recipe.model.offloads_to_cpu else ""
     return f"FSDP2 {recipe.model.sharding_strategy}{offload}"
 
 
@@ -79,20 +79,25 @@ def autocast(recipe: Recipe, device: torch.device) -> contextlib.AbstractContext
 
 
 def parallelize(
-    model: nn.Module, layers: list[nn.Module], recipe: Recipe, device: torch.device
+    model: nn.Module,
+    layers: list[nn.Module],
+    recipe: Recipe,
+    device: torch.device,
+    frozen: bool = False,
 ) -> nn.Module:
     """Fused LM-head loss → activation checkpointing → compile → FSDP2 / DDP / nothing
-    (``data_parallel``)."""
+    (``data_parallel``). A ``frozen`` model (no gradients: a reference) is sharded like
+    the policy but never replicated: DDP has no gradients of it to reduce."""
     cfg = recipe.model
     install_loss_head(model)
-    if cfg.activation_checkpointing:
+    if cfg.activation_checkpointing and not frozen:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         for layer in layers:
             layer.compile()
     mode = data_parallel(recipe)
     if mode == "replicate":
-        return replicate_model(model)
+        return model if frozen else replicate_model(model)
     if mode == "fsdp":
         shard_model(model, layers, recipe, device)
     return model
@@ -108,7 +113,7 @@ def shard_model(
         "reshard_after_forward": cfg.sharding_strategy != "shard_grad_op",
         "mp_policy": mixed_precision(recipe.trainer.precision),
     }
-    if cfg.offload_activations:
+    if cfg.offloads_to_cpu:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for layer in layers:
         fully_shard(layer, **options)

@@ -1,71 +1,45 @@
-"""The training loop: data → train_step → log → eval → checkpoint, then export and samples."""
+"""The training loop, one for every objective: data → step → log → eval → checkpoint → export.
+
+What differs per objective — how micro-batches are built, the loss and the metrics it
+reports, what eval measures, which models take part — is the ``Objective``'s
+(``adapter.objectives``); this module sets a run up and runs it.
+"""
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from adapter.attention import NAME as DOCUMENT_ATTENTION
-from adapter.attention import use_document_attention
-from adapter.checkpoint import (
-    CheckpointManager,
-    ModelOptimizerState,
-    build_pretrained_sharded,
-    describe_run,
-    export_root,
-)
-from adapter.config import Recipe, parse_duration
-from adapter.data.dataset import DataStats, RawData, build_datasets, data_report, load_raw
-from adapter.data.formats import IGNORE_INDEX, DataError, Sample
-from adapter.data.loader import (
-    Batch,
-    GlobalBatchSampler,
-    PackedAttention,
-    eval_batches,
-    pad_batch,
-)
-from adapter.distributed import (
-    DistEnv,
-    all_ranks,
-    all_reduce_sum,
-    fail_together,
-    gather_objects,
-    init_distributed,
-)
-from adapter.export import export_model
-from adapter.loss import computing_loss, find_loss_head, last_positions, sum_cross_entropy
+from adapter.build import build_training_model, frozen_builder
+from adapter.checkpoint import CheckpointManager, ModelOptimizerState, RunInfo, describe_run
+from adapter.config import Recipe, TrainerConfig, parse_duration
+from adapter.data.formats import DataError
+from adapter.data.loader import GlobalBatchSampler, eval_batches
+from adapter.distributed import DistEnv, fail_together, gather_objects, init_distributed
+from adapter.export import ExportSchedule
+from adapter.generation import generate
 from adapter.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
-from adapter.models import (
-    build_model,
-    build_pretrained_architecture,
-    check_packing,
-    count_parameters,
-    decoder_layers,
-    resolve_family,
-)
+from adapter.objectives import OBJECTIVES
+from adapter.objectives.base import LossOutput, Objective, TrainingData, objective_class
 from adapter.optim import build_optimizer, build_scheduler
-from adapter.parallel import (
-    autocast,
-    data_parallel,
-    describe_parallelism,
-    parallelize,
-    set_gradient_sync,
-)
-from adapter.peft import apply_peft, check_peft, load_kwargs
-from adapter.tokenizer import load_tokenizer, train_tokenizer
+from adapter.parallel import autocast, describe_parallelism, set_gradient_sync
+from adapter.tokenizer import load_tokenizer, save_trained_tokenizer, saved_or_trained_tokenizer
 
-log = logging.getLogger(__name__)
+SAMPLE_TOKENS = 12
+"""Tokens generated at most for each sample completion logged at the end of training."""
+SAMPLE_PROMPTS = 5
 
 
 @dataclass
@@ -83,29 +57,22 @@ class TrainState:
         self.consumed_samples = int(state["consumed_samples"])
 
 
-def forward(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    batch = batch.to(device)
-    inputs = {"input_ids": batch.input_ids}
-    # A 2-D padding mask without padding changes nothing but costs a 4-D mask in every
-    # attention layer (HF then can't take sdpa's is_causal path): leave it out.
-    padded = batch.num_tokens < batch.input_ids.numel()
-    if batch.attention_mask is not None and (batch.attention_mask.dim() != 2 or padded):
-        inputs["attention_mask"] = batch.attention_mask
-    if batch.position_ids is not None:
-        inputs["position_ids"] = batch.position_ids
-    if batch.cu_seq_lens is not None:  # read by document_sdpa, ignored by HF's sdpa/eager
-        inputs["cu_seq_lens_q"] = batch.cu_seq_lens
-    labels = batch.labels
-    head = find_loss_head(model)
-    # use_cache=False also lets HF confine attention by packed position ids.
-    if head is None:
-        logits = model(**inputs, use_cache=False).logits
-        return sum_cross_entropy(last_positions(logits, labels.shape[1]), labels)
-    with computing_loss(head, labels):
-        return model(**inputs, use_cache=False).logits
+class StepResult(NamedTuple):
+    """What one optimizer step reports (global over every rank)."""
+
+    loss: float
+    """The loss per unit of the global batch (SFT: the mean cross-entropy per label token)."""
+    tokens: int
+    grad_norm: float
+    metrics: dict[str, float]
+    """The objective's named values (``Objective.metrics``)."""
 
 
 class Trainer:
+    """One training run, on this rank: ``Trainer(recipe)`` sets it up (process group,
+    tokenizer and data, objective, model, optimizer, sampler, checkpoints, exports), ``fit``
+    trains it to the end. Every method is a collective: each rank runs the same calls."""
+
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
         self.env: DistEnv = init_distributed(recipe.trainer)
@@ -113,35 +80,23 @@ class Trainer:
         if self.env.is_main:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(recipe.model.seed)
-        self.stats = DataStats()
-        self.tokenizer = self._tokenizer_and_data()
-        self.model = self._build_model()
+        self.tokenizer, self.objective, self.data = load_data(recipe, self.env, self.exp_dir)
+        self.built = build_training_model(recipe, self.env, self.tokenizer)
+        self.model = self.built.module
+        self.objective.prepare(self.model, frozen_builder(recipe, self.env, self.tokenizer))
+        fp16 = recipe.trainer.precision == "16"
         self.optimizer = build_optimizer(
-            self.model,
-            recipe.model.optim,
-            self.env.device,
-            loss_scaling=recipe.trainer.precision == "16",
+            self.model, recipe.model.optim, self.env.device, loss_scaling=fp16
         )
-        self.sampler = GlobalBatchSampler(
-            num_samples=len(self.train_set),
-            global_batch=recipe.model.train_batch_size
-            * recipe.world_size
-            * recipe.grad_accum_steps,
-            micro_batch=recipe.model.train_batch_size,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            seed=recipe.model.seed,
-        )
-        self.total_steps = self._total_steps()
+        self.sampler = build_sampler(recipe, self.env, len(self.data.train))
+        self.total_steps = total_steps(recipe.trainer, self.sampler)
         self.scheduler = build_scheduler(self.optimizer, recipe.model.optim, self.total_steps)
         self.state = TrainState()
         # fp16 needs loss scaling; the sharded scaler agrees on inf/NaN across ranks.
-        self.scaler = (
-            ShardedGradScaler(device=self.env.device.type)
-            if recipe.trainer.precision == "16"
-            else None
-        )
+        self.scaler = ShardedGradScaler(device=self.env.device.type) if fp16 else None
         self.checkpoints = CheckpointManager(recipe, self.env)
+        self.checkpoints.register(self.checkpoint_state(), self.describe_run)
+        self.exports = ExportSchedule(recipe, self.env)
         self.metrics = MetricsLogger(
             self.exp_dir,
             self.total_steps,
@@ -149,137 +104,48 @@ class Trainer:
             tensorboard=recipe.exp_manager.create_tensorboard_logger,
         )
 
-    # --- set-up -----------------------------------------------------------------------
-    def _tokenizer_and_data(self) -> Any:
-        model = self.recipe.model
-        trained = False
-        # Each rank reads the data itself: a bad or missing file may fail on one node only.
-        with fail_together("loading the tokenizer and data"):
-            tokenizer = load_tokenizer(model)
-            raw = load_raw(model.data, model.seed, str(self.exp_dir), tokenizer)
-            if tokenizer is None:
-                tokenizer, trained = self._saved_or_trained_tokenizer(raw)
-            data = build_datasets(
-                raw,
-                tokenizer,
-                model.data,
-                model.max_context_width,
-                model.train_batch_size,
-                model.seed,
-            )
-        # Saved once every rank has chosen between the saved tokenizer and training one.
-        with fail_together("saving the trained tokenizer"):
-            if trained and self.env.is_main:
-                tokenizer.save_pretrained(self.exp_dir / "tokenizer")
-        self.train_set: list[Sample] = data.train
-        self.val_set: list[Sample] = data.val
-        self.stats = data.stats
-        check_same_data(tokenizer, data.train, data.val)
-        return tokenizer
-
-    def _saved_or_trained_tokenizer(self, raw: RawData) -> tuple[Any, bool]:
-        """The tokenizer this run trained before (resume), else one trained on the data;
-        and whether it was trained now."""
-        saved = self.exp_dir / "tokenizer"
-        if (saved / "tokenizer.json").is_file():
-            from transformers import PreTrainedTokenizerFast
-
-            return PreTrainedTokenizerFast.from_pretrained(saved), False
-        return train_tokenizer(raw.texts(), self.recipe.model.vocab_size or 1024), True
-
-    def _build_model(self) -> nn.Module:
-        model_cfg = self.recipe.model
-        self.family = resolve_family(model_cfg)
-        check_packing(self.family, model_cfg.data.packing)
-        check_peft(model_cfg, self.env.device)
-        tok = self.tokenizer
-        special = {
-            "pad_token_id": tok.pad_token_id,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-        }
-        kwargs = load_kwargs(model_cfg, self.env.device)
-
-        # Sharded, rank 0 loads while the others build empty and wait for its weights: a
-        # failure to build must reach every rank.
-        def load_full() -> nn.Module:
-            with fail_together("building the model"):
-                model = apply_peft(build_model(model_cfg, len(tok), special, kwargs), model_cfg)
-            return model
-
-        def build_empty() -> nn.Module:
-            with fail_together("building the model"):
-                if model_cfg.hf_model_name_or_path is None:
-                    model = build_model(model_cfg, len(tok), special)
-                else:
-                    model = build_pretrained_architecture(model_cfg)
-                model.tie_weights()  # meta parameters aren't tied at construction
-                model = apply_peft(model, model_cfg)
-            return model
-
-        def shard(model: nn.Module) -> nn.Module:
-            self.num_trainable, self.num_params = count_parameters(model)
-            packed = self._packed_attention == "position_ids" and model_cfg.data.packing
-            # Compiled layers keep HF's masked SDPA: per-document lengths vary by batch.
-            if packed and not model_cfg.compile:
-                use_document_attention(model)
-            layers = decoder_layers(model, self.family)
-            self.num_layers = len(layers)
-            self.hidden = getattr(model.config, "hidden_size", 0)
-            return parallelize(model, layers, self.recipe, self.env.device)
-
-        # Sharded: one full copy at most, on rank 0 (pretrained or seeded random init),
-        # broadcast shard by shard after sharding; the other ranks build on the meta device.
-        # 4-bit QLoRA weights are quantized as they load, on every rank. Replicated (DDP):
-        # every rank builds its copy, rank 0's weights are broadcast at the first forward.
-        sharded = self.env.world_size > 1 and data_parallel(self.recipe) == "fsdp"
-        if sharded and model_cfg.peft.peft_type != "qlora_4bit":
-            model = build_pretrained_sharded(load_full, build_empty, shard, self.env)
-        else:
-            model = shard(load_full())
-        return model.to(self.env.device) if self.env.device.type == "cuda" else model
-
-    def _total_steps(self) -> int:
-        trainer = self.recipe.trainer
-        if trainer.max_steps > 0:
-            return trainer.max_steps
-        assert trainer.max_epochs is not None
-        return trainer.max_epochs * self.sampler.steps_per_epoch
-
-    def checkpoint_state(self) -> dict[str, Any]:
+    def checkpoint_state(self) -> dict[str, Stateful]:
         """Everything a run needs to continue exactly, as DCP ``Stateful`` objects (loaded in
-        place). The checkpoint manager adds each rank's RNG states."""
-        return {
+        place): policy and optimizer, schedule, sampler, progress, the objective's own state.
+        The checkpoint manager adds each rank's RNG states. No frozen reference model."""
+        state: dict[str, Stateful] = {
             "app": ModelOptimizerState(self.model, self.optimizer),
             "scheduler": self.scheduler,
             "sampler": self.sampler,
             "train": self.state,
-            **({"grad_scaler": self.scaler} if self.scaler is not None else {}),
         }
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler
+        if self.objective.state_dict():
+            state["objective"] = self.objective
+        return state
+
+    def describe_run(self) -> RunInfo:
+        return describe_run(self.recipe, self.model, self.tokenizer)
 
     # --- the loop ---------------------------------------------------------------------
     def fit(self) -> None:
         self._report_setup()
-        self._maybe_resume()
+        self._resume()
         first_step = self.metrics.first_step = self.state.step
         eval_every = self._eval_interval()
-        start = time.monotonic()
-        window_tokens, window_start = 0, time.monotonic()
+        start = window_start = time.monotonic()
+        window_tokens = 0
         while self.state.step < self.total_steps:
-            loss, tokens, grad_norm = self.train_step()
+            result = self.train_step()
             self.state.step += 1
-            window_tokens += tokens
             step = self.state.step
-            self.metrics.progress(step, loss)
+            window_tokens += result.tokens
+            self.metrics.progress(step, result.loss)
             if step % self.recipe.trainer.log_every_n_steps == 0 or step == self.total_steps:
                 elapsed = time.monotonic() - window_start
-                self._log_train(step, loss, grad_norm, window_tokens / max(elapsed, 1e-9))
+                self._log_train(step, result, window_tokens / max(elapsed, 1e-9))
                 window_tokens, window_start = 0, time.monotonic()
             if eval_every and step % eval_every == 0 and step != self.total_steps:
                 self.evaluate()
             self._save(step)
             self._export(step)
-        if self.val_set:
+        if self.data.val:
             self.evaluate()
         self._save(self.state.step, final=True)
         self.checkpoints.close()
@@ -293,26 +159,87 @@ class Trainer:
         self.metrics.close()
         self.metrics.info(f"results: {self.exp_dir}")
 
-    def train_step(self) -> tuple[float, int, float]:
-        """One optimizer step over this rank's micro-batches; returns (loss, tokens, grad norm)."""
-        micro = [self._batch(indices).to(self.env.device) for indices in self.sampler.next_step()]
-        local = [sum(b.num_label_tokens for b in micro), sum(b.num_tokens for b in micro)]
-        counts = torch.tensor(local, dtype=torch.float64, device=self.env.device)
-        dist.all_reduce(counts)  # (label tokens, tokens) of the global batch, kept on the device
-        # Gradients become the mean over every label token of the global batch, whatever
-        # the split across ranks and micro-batches (FSDP and DDP average over ranks, hence
-        # × world).
-        # A device tensor (the fp32 value a Python float would give): no host sync here.
+    def train_step(self) -> StepResult:
+        """One optimizer step over this rank's micro-batches."""
+        device = self.env.device
+        indices = self.sampler.next_step()
+        micro = self.objective.step_batches(self.model, indices, self.data.train)
+        micro = [batch.to(device) for batch in micro]
+        local = [sum(b.units for b in micro), sum(b.num_tokens for b in micro)]
+        counts = torch.tensor(local, dtype=torch.float64, device=device)
+        dist.all_reduce(counts)  # (units, tokens) of the global batch, kept on the device
+        # Gradients become the mean over every unit of the global batch, whatever the
+        # split across ranks and micro-batches (FSDP and DDP average over ranks, hence
+        # × world). A device tensor (the fp32 value a Python float would give): no host sync.
         scale = (self.env.world_size / counts[0].clamp(min=1.0)).float()
-        loss_sum = torch.zeros((), device=self.env.device)
+        sums = Sums(torch.float32, device)
         self.model.train()
-        for i, batch in enumerate(micro):
-            set_gradient_sync(self.model, i == len(micro) - 1)
-            with autocast(self.recipe, self.env.device):
-                loss = forward(self.model, batch, self.env.device)
-            scaled = loss * scale
+        for index, batch in enumerate(micro):
+            set_gradient_sync(self.model, index == len(micro) - 1)
+            with autocast(self.recipe, device):
+                output = self.objective.loss(self.model, batch)
+            scaled = output.loss * scale
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += loss.detach()
+            sums.add(output)
+        grad_norm = self._optimizer_step()
+        summed = sums.all_reduced()
+        self.state.consumed_samples += self.sampler.global_batch
+        # The step's one host sync: everything it reports, in a single transfer.
+        reported = torch.cat([summed.double(), counts, grad_norm.double().reshape(1)]).tolist()
+        totals = sums.named(reported[: len(sums)])
+        units, tokens, norm = reported[len(sums) :]
+        metrics = self._declared(self.objective.metrics(totals, units), "train_metrics")
+        return StepResult(totals["loss"] / max(units, 1.0), int(tokens), norm, metrics)
+
+    def evaluate(self) -> float:
+        """The objective's eval loss per unit over the whole validation set (all ranks);
+        logs it with the objective's eval metrics."""
+        self.model.eval()
+        micro = self.recipe.model.val_batch_size or self.recipe.model.train_batch_size
+        # The same number of batches on every rank (each forward is a collective under
+        # FSDP); padding batches where a rank's share ran out add 0 loss and 0 units.
+        batches = eval_batches(
+            self.data.val,
+            micro,
+            self.env.rank,
+            self.env.world_size,
+            self.objective.collate,
+            self.objective.padding_batch,
+            self.recipe.trainer.limit_val_batches,
+        )
+        sums = Sums(torch.float64, self.env.device)
+        units = 0
+        with torch.no_grad():
+            for batch in batches:
+                with autocast(self.recipe, self.env.device):
+                    sums.add(self.objective.eval_loss(self.model, batch.to(self.env.device)))
+                units += batch.units
+        count = torch.tensor([units], dtype=torch.float64, device=self.env.device)
+        local = torch.cat([sums.stacked(), count])
+        dist.all_reduce(local)
+        reported = local.tolist()
+        totals, units = sums.named(reported[:-1]), reported[-1]
+        value = totals["loss"] / max(units, 1.0)
+        named = self._declared(self.objective.eval_metrics(totals, units), "eval_metrics")
+        self.metrics.eval(self.state.step, value, named)
+        return value
+
+    # --- helpers ----------------------------------------------------------------------
+    def _declared(self, values: dict[str, float], kind: str) -> dict[str, float]:
+        """``values`` if they are the metrics the objective's registry entry declares (the
+        SageMaker metric definitions are made from those); else an error naming both."""
+        name = self.recipe.model.objective
+        declared = getattr(OBJECTIVES[name], kind)
+        if tuple(values) != declared:
+            raise RuntimeError(
+                f"objective {name!r} reported {list(values)}, but its entry in "
+                f"adapter.objectives.OBJECTIVES declares {kind}={list(declared)}"
+            )
+        return values
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Unscale (fp16), clip, step, schedule; returns the total gradient norm (0-dim,
+        on the device)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip_gradients()
@@ -323,54 +250,13 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        dist.all_reduce(loss_sum)
-        self.state.consumed_samples += self.sampler.global_batch
-        # The step's one host sync: everything it reports, in a single transfer.
-        reported = torch.stack([loss_sum.double(), *counts, grad_norm.double()]).tolist()
-        loss_total, global_labels, global_tokens, norm = reported
-        return loss_total / max(global_labels, 1.0), int(global_tokens), norm
-
-    def evaluate(self) -> float:
-        """Token-weighted cross-entropy over the whole validation set (all ranks)."""
-        self.model.eval()
-        micro = self.recipe.model.val_batch_size or self.recipe.model.train_batch_size
-        # The same number of batches on every rank (each forward is a collective under
-        # FSDP); padding batches where a rank's share ran out add 0 loss and 0 tokens.
-        batches = eval_batches(
-            self.val_set,
-            micro,
-            self.env.rank,
-            self.env.world_size,
-            self.tokenizer.pad_token_id,
-            self.recipe.trainer.limit_val_batches,
-            self._packed_attention,
-        )
-        total = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        tokens = 0
-        with torch.no_grad():
-            for batch in batches:
-                with autocast(self.recipe, self.env.device):
-                    total += forward(self.model, batch, self.env.device).double()
-                tokens += batch.num_label_tokens
-        total, tokens = all_reduce_sum([total.item(), tokens], self.env.device)
-        value = total / max(tokens, 1.0)
-        self.metrics.eval(self.state.step, value)
-        return value
-
-    # --- helpers ----------------------------------------------------------------------
-    def _batch(self, indices: list[int]) -> Batch:
-        samples = [self.train_set[i] for i in indices]
-        return pad_batch(samples, self.tokenizer.pad_token_id, None, self._packed_attention)
+        return grad_norm
 
     @property
     def document_attention(self) -> bool:
         """Packed documents attend within themselves through ``document_sdpa``."""
         config = getattr(self.model, "config", None)
         return getattr(config, "_attn_implementation", None) == DOCUMENT_ATTENTION
-
-    @property
-    def _packed_attention(self) -> PackedAttention:
-        return self.family.packing or "position_ids"
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clip to ``model.grad_clip``; the total norm stays a (0-dim) device tensor."""
@@ -381,17 +267,17 @@ class Trainer:
             norm = norm.full_tensor()
         return norm
 
-    def _log_train(self, step: int, loss: float, grad_norm: float, tokens_per_s: float) -> None:
+    def _log_train(self, step: int, result: StepResult, tokens_per_s: float) -> None:
         values = {
-            "loss": loss,
+            "loss": result.loss,
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
+            "grad_norm": result.grad_norm,
             "tokens_per_s": tokens_per_s,
             "consumed_samples": self.state.consumed_samples,
             "mfu": self._mfu(tokens_per_s),
             "peak_memory_gib": peak_memory_gib(self.env.device),
         }
-        self.metrics.train(step, values)
+        self.metrics.train(step, values, result.metrics)
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         if self.env.device.type != "cuda":
@@ -399,20 +285,19 @@ class Trainer:
         peak = peak_flops(torch.cuda.get_device_name(self.env.device))
         if peak is None:
             return None
-        per_token = flops_per_token(
-            self.num_params, self.num_layers, self.hidden, self.recipe.model.max_context_width
-        )
+        built = self.built
+        width = self.recipe.model.max_context_width
+        per_token = flops_per_token(built.num_params, built.num_layers, built.hidden_size, width)
         return tokens_per_s * per_token / (peak * self.env.world_size)
 
     def _eval_interval(self) -> int:
         interval = self.recipe.trainer.val_check_interval
-        if not self.val_set or interval == 0:
+        if not self.data.val or interval == 0:
             return 0
         return parse_duration(interval, self.sampler.steps_per_epoch)
 
-    def _maybe_resume(self) -> None:
-        info = describe_run(self.recipe, self.model, self.tokenizer)
-        resumed = self.checkpoints.resume(self.checkpoint_state(), info)
+    def _resume(self) -> None:
+        resumed = self.checkpoints.resume()
         if resumed is None:
             return
         path, marker = resumed
@@ -425,11 +310,7 @@ class Trainer:
             )
 
     def _save(self, step: int, final: bool = False) -> None:
-        if not self.checkpoints.should_save(step, final):
-            return
-        info = describe_run(self.recipe, self.model, self.tokenizer)
-        # A save that fails on any rank (rank 0 alone writes the marker) raises on every rank.
-        report = self.checkpoints.save(step, self.checkpoint_state, info, final=final)
+        report = self.checkpoints.save(step, final)
         if report is None:
             return
         how = "async, writing in the background" if report.asynchronous else "sync"
@@ -439,106 +320,118 @@ class Trainer:
         )
 
     def _export(self, step: int, final: bool = False) -> None:
-        """The final Hugging Face export, and every ``export_full_model.every_n_train_steps``
-        steps one into ``<exp_dir>/exports/step_<N>``."""
-        export = self.recipe.exp_manager.export_full_model
-        every = export.every_n_train_steps
-        if final and export.save_last:
-            out = export_root(self.recipe)
-        elif not final and every and step % every == 0:
-            out = self.exp_dir / "exports" / f"step_{step}"
-        else:
-            return
-        export_model(self.model, self.tokenizer, self.recipe, self.env, out)
-        self.metrics.info(f"exported Hugging Face model (step {step}) to {out}")
+        out = self.exports.export(step, self.model, self.tokenizer, final)
+        if out is not None:
+            self.metrics.info(f"exported Hugging Face model (step {step}) to {out}")
 
     def _report_setup(self) -> None:
-        stats, recipe = self.stats, self.recipe
+        recipe, built, data = self.recipe, self.built, self.data
         self.metrics.info(
             f"world size {self.env.world_size} on {self.env.device.type} "
             f"({describe_parallelism(recipe)}); "
-            f"{self.num_params / 1e6:.2f}M parameters; {len(self.train_set)} train / "
-            f"{len(self.val_set)} val samples; {self.sampler.steps_per_epoch} steps per epoch; "
+            f"{built.num_params / 1e6:.2f}M parameters; {len(data.train)} train / "
+            f"{len(data.val)} val samples; {self.sampler.steps_per_epoch} steps per epoch; "
             f"global batch {self.sampler.global_batch} = micro {recipe.model.train_batch_size} × "
             f"{self.env.world_size} ranks × {recipe.grad_accum_steps} accumulation"
         )
         if recipe.model.peft.peft_type:
-            share = 100 * self.num_trainable / self.num_params
+            share = 100 * built.num_trainable / built.num_params
             self.metrics.info(
-                f"{recipe.model.peft.peft_type}: {self.num_trainable:,} trainable of "
-                f"{self.num_params:,} parameters ({share:.2f}%)"
+                f"{recipe.model.peft.peft_type}: {built.num_trainable:,} trainable of "
+                f"{built.num_params:,} parameters ({share:.2f}%)"
             )
-        for line in data_report(stats, recipe.model.data.packing, recipe.model.max_context_width):
+        for line in data.report:
             self.metrics.info(line)
         if self.document_attention:
             self.metrics.info("packed attention: per document (document_sdpa), no L×L mask")
-        if not self.val_set:
+        if not data.val:
             self.metrics.info("no validation data (model.data.val_dir / val_split): no eval")
 
-    def _show_samples(self, count: int = 5) -> list[list[int]]:
+    def _show_samples(self, count: int = SAMPLE_PROMPTS) -> list[list[int]]:
         """Log greedy completions of a few validation prompts; returns this rank's (every
-        rank runs the forwards, and as many: see ``greedy_complete``)."""
-        rows = [s for s in self.val_set[:count]]
-        if not rows:
+        rank runs the forwards, and as many: see ``adapter.generation``)."""
+        prompts = self.objective.sample_prompts(self.data.val, count)
+        if not prompts:
             return []
         self.metrics.info("sample completions:")
-        completions = []
         self.model.eval()
-        for sample in rows:
-            labels = enumerate(sample.labels)
-            prompt_len = next((i for i, label in labels if label != IGNORE_INDEX), 0)
-            if prompt_len < 2:  # no prompt (text, pre-tokenized): continue the first tokens
-                prompt_len = min(16, len(sample.input_ids) // 2)
-            prompt = sample.input_ids[:prompt_len]
-            with autocast(self.recipe, self.env.device):
-                completion = greedy_complete(
-                    self.model, prompt, self.tokenizer.eos_token_id, 12, self.env.device
-                )
-            decode = self.tokenizer.decode
-            rest = sample.input_ids[prompt_len : prompt_len + 24]
-            expected = decode(rest, skip_special_tokens=True)
-            self.metrics.info(
-                f"  {decode(prompt, skip_special_tokens=True)!r} → "
-                f"{decode(completion, skip_special_tokens=True)!r} (expected {expected!r})"
+        with autocast(self.recipe, self.env.device):
+            completions = generate(
+                self.model,
+                [sample.prompt for sample in prompts],
+                SAMPLE_TOKENS,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                device=self.env.device,
             )
-            completions.append(completion)
-        return completions
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+        for sample, tokens in zip(prompts, completions.tokens, strict=True):
+            self.metrics.info(
+                f"  {decode(sample.prompt)!r} → {decode(tokens)!r} "
+                f"(expected {decode(sample.expected)!r})"
+            )
+        return completions.tokens
 
 
-@torch.no_grad()
-def greedy_complete(
-    model: nn.Module, prompt: list[int], eos: int | None, max_new: int, device: torch.device
-) -> list[int]:
-    """Greedy continuation of ``prompt`` up to ``eos`` or ``max_new`` tokens.
+class Sums:
+    """The summed loss and the objective's named sums over micro-batches, on the device
+    (``loss`` first, then the keys of ``LossOutput.sums`` as the first batch had them)."""
 
-    Every rank must call it (under FSDP each forward is a collective) and the ranks stop
-    together, once each has met its EOS (one all-reduce per token): ranks may disagree on
-    the tokens (nondeterministic kernels), and one that stopped alone would leave the
-    others waiting in its collective. A rank that is done repeats its last forward, unused.
-    """
-    ids = list(prompt)
-    done = False
-    for _ in range(max_new):
-        logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits
-        token = int(logits[0, -1].argmax())
-        done = done or token == eos
-        if not done:
-            ids.append(token)
-        if all_ranks(done, device):
-            break
-    return ids[len(prompt) :]
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype = dtype
+        self.device = device
+        self.values: dict[str, torch.Tensor] = {"loss": self._zero()}
+
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=self.dtype, device=self.device)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def add(self, output: LossOutput) -> None:
+        for key, value in {"loss": output.loss, **output.sums}.items():
+            if key not in self.values:
+                self.values[key] = self._zero()
+            self.values[key] += value.detach().to(self.dtype)
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack(list(self.values.values()))
+
+    def all_reduced(self) -> torch.Tensor:
+        """The sums over every rank (one collective), stacked in key order."""
+        stacked = self.stacked()
+        dist.all_reduce(stacked)
+        return stacked
+
+    def named(self, values: list[float]) -> dict[str, float]:
+        return dict(zip(self.values, values, strict=True))
 
 
-def check_same_data(tokenizer: Any, train: list[Sample], val: list[Sample]) -> None:
+# --- set-up -----------------------------------------------------------------------------
+def load_data(recipe: Recipe, env: DistEnv, exp_dir: Path) -> tuple[Any, Objective, TrainingData]:
+    """The tokenizer (pretrained, saved by an earlier attempt of this run, or trained on
+    the data), the recipe's objective and its data, the same on every rank."""
+    model = recipe.model
+    objective_type = objective_class(model.objective)
+    trained = False
+    # Each rank reads the data itself: a bad or missing file may fail on one node only.
+    with fail_together("loading the tokenizer and data"):
+        tokenizer = load_tokenizer(model)
+        raw = objective_type.read_data(recipe, exp_dir, tokenizer)
+        if tokenizer is None:
+            texts, vocab = raw.texts, model.vocab_size
+            tokenizer, trained = saved_or_trained_tokenizer(exp_dir, texts, vocab)
+        objective = objective_type(recipe, env, tokenizer)
+        data = objective.build_datasets(raw)
+    # Saved once every rank has chosen between the saved tokenizer and training one.
+    save_trained_tokenizer(tokenizer, trained, exp_dir, env)
+    check_same_data({"tokenizer size": len(tokenizer), **data.sizes})
+    return tokenizer, objective, data
+
+
+def check_same_data(sizes: dict[str, int]) -> None:
     """DataError on every rank unless every rank built the same data: its sizes decide how
     many steps (and collectives) a rank runs, e.g. a node reading its own, different copy."""
-    sizes = {
-        "tokenizer size": len(tokenizer),
-        "training sequences": len(train),
-        "training tokens": sum(len(s.input_ids) for s in train),
-        "validation samples": len(val),
-        "validation tokens": sum(len(s.input_ids) for s in val),
-    }
     everyone = gather_objects(sizes)
     for rank, theirs in enumerate(everyone):
         differ = [
@@ -551,6 +444,25 @@ def check_same_data(tokenizer: Any, train: list[Sample], val: list[Sample]) -> N
                 f"rank {rank} built different data than rank 0 ({'; '.join(differ)}): every "
                 "rank must read the same train_dir, val_dir and tokenizer"
             )
+
+
+def build_sampler(recipe: Recipe, env: DistEnv, num_samples: int) -> GlobalBatchSampler:
+    micro = recipe.model.train_batch_size
+    return GlobalBatchSampler(
+        num_samples=num_samples,
+        global_batch=micro * recipe.world_size * recipe.grad_accum_steps,
+        micro_batch=micro,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=recipe.model.seed,
+    )
+
+
+def total_steps(trainer: TrainerConfig, sampler: GlobalBatchSampler) -> int:
+    if trainer.max_steps > 0:
+        return trainer.max_steps
+    assert trainer.max_epochs is not None
+    return trainer.max_epochs * sampler.steps_per_epoch
 
 
 def seed_everything(seed: int) -> None:

@@ -108,16 +108,14 @@ def measure(model_name: str, asynchronous: bool, saves: int, env: DistEnv) -> di
     batch = torch.randint(0, recipe.model.vocab_size or 2, shape)
     manager = CheckpointManager(recipe, env)
     info = RunInfo({}, to_dict(recipe), lambda path: path.mkdir(parents=True, exist_ok=True))
-
-    def state() -> dict[str, Any]:
-        return {"app": ModelOptimizerState(model, optimizer)}
+    manager.register({"app": ModelOptimizerState(model, optimizer)}, lambda: info)
 
     baseline = [train_step(model, optimizer, batch) for _ in range(4)][1:]
     blocked, complete, during = [], [], []
     for i in range(saves):
         dist.barrier()
         start = time.perf_counter()
-        report = manager.save(i + 1, state, info)
+        report = manager.save(i + 1)
         assert report is not None
         blocked.append(report.blocked_s)
         # Keep training while the write runs, then wait so that each save starts alone.

@@ -112,14 +112,14 @@ class Run:
         self.sizes: list[int] = []
         self.tokens, self.seconds, self.steps = 0, 0.0, 0
         self.rates: list[float] = []
-        make_batch = self.trainer._batch
+        collate = self.trainer.objective.collate
 
-        def counted(indices: list[int]) -> Any:  # record the padded size of every batch
-            batch = make_batch(indices)
+        def counted(examples: list[Any]) -> Any:  # record the padded size of every batch
+            batch = collate(examples)
             self.sizes.append(batch.input_ids.numel())
             return batch
 
-        self.trainer._batch = counted
+        self.trainer.objective.collate = counted
 
     def rewind(self) -> None:
         """Back to the first step of the first epoch (the same batches every repetition)."""
@@ -136,7 +136,7 @@ class Run:
         self.rates[-1] = (self.tokens - tokens) / (self.seconds - seconds)
 
     def result(self) -> dict[str, Any]:
-        stats = self.trainer.stats
+        stats = self.trainer.data.stats
         padded = sum(self.sizes)
         return {
             "packing": self.packing,

@@ -188,22 +188,27 @@ def _run_case(recipe_data: dict[str, Any]) -> dict[str, Any]:
         "frozen_unchanged": all(torch.equal(before[n], after[n]) for n in frozen),
         "trainable": len(trainable),
         "trainable_changed": sum(not torch.equal(before[n], after[n]) for n in trainable),
-        "num_trainable": trainer.num_trainable,
-        "num_params": trainer.num_params,
-        "layers": trainer.num_layers,
+        "num_trainable": trainer.built.num_trainable,
+        "num_params": trainer.built.num_params,
+        "layers": trainer.built.num_layers,
         "document_attention": trainer.document_attention,
     }
 
 
 def _worker(spec_file: str, out_file: str) -> None:
-    import torch.distributed as dist
-
     results: dict[str, Any] = {}
     for name, recipe in json.loads(Path(spec_file).read_text()).items():
         try:
             results[name] = _run_case(recipe)
         except Exception as exc:  # report every case, not only the first failure
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    finish_worker(results, out_file)
+
+
+def finish_worker(results: dict[str, Any], out_file: str) -> None:
+    """Rank 0 writes the launch's ``results``; then every rank leaves the group together."""
+    import torch.distributed as dist
+
     if dist.get_rank() == 0:
         Path(out_file).write_text(json.dumps(results))
     dist.barrier()

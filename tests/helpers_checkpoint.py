@@ -160,8 +160,8 @@ def load_pretrained_worker(model_dir: str, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from adapter.checkpoint import build_pretrained_sharded
     from adapter.distributed import DistEnv
+    from adapter.weights import build_pretrained_sharded
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

@@ -167,6 +167,16 @@ class Toy:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
 
+def managed(
+    r: Recipe, env: DistEnv, toy: Toy | None = None, info: RunInfo | None = None
+) -> CheckpointManager:
+    """A manager that saves and loads ``toy``'s state (a fresh Toy's by default), the run
+    described by ``info`` (by default ``info_for(r)``)."""
+    manager = CheckpointManager(r, env)
+    manager.register((toy or Toy()).state(), lambda: info or info_for(r))
+    return manager
+
+
 @pytest.fixture
 def gated_writes(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """Hold every DCP file write until the returned event is set."""
@@ -185,17 +195,17 @@ def test_async_save_lets_training_proceed_and_prunes_after_completion(
     env: DistEnv, tmp_path: Path, gated_writes: threading.Event
 ) -> None:
     r = recipe(tmp_path, callbacks={"save_top_k": 1})
-    manager = CheckpointManager(r, env)
     toy = Toy()
+    manager = managed(r, env, toy)
     toy.step()
     gated_writes.set()
-    manager.save(1, toy.state, info_for(r))
+    manager.save(1)
     manager.wait()
     gated_writes.clear()
 
     toy.step()
     at_save = toy.weights()
-    report = manager.save(2, toy.state, info_for(r))
+    report = manager.save(2)
     assert report is not None and report.asynchronous
     toy.step()  # training goes on while the write is held back
     assert not (report.path / MARKER).exists()
@@ -206,7 +216,7 @@ def test_async_save_lets_training_proceed_and_prunes_after_completion(
     assert not (tmp_path / "checkpoints" / "step_1").exists()
 
     fresh = Toy()
-    CheckpointManager(r, env).load(report.path, fresh.state(), info_for(r))
+    managed(r, env, fresh).load(report.path)
     assert all(torch.equal(fresh.weights()[k], at_save[k]) for k in at_save)
     assert not torch.equal(fresh.weights()["weight"], toy.weights()["weight"])
 
@@ -215,18 +225,17 @@ def test_failed_background_save_is_reported_and_previous_kept(
     env: DistEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     r = recipe(tmp_path)
-    manager = CheckpointManager(r, env)
-    toy = Toy()
-    manager.save(1, toy.state, info_for(r))
+    manager = managed(r, env)
+    manager.save(1)
     manager.wait()
 
     def disk_full(self: FileSystemWriter, plan: Any, planner: Any) -> Any:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(FileSystemWriter, "write_data", disk_full)
-    manager.save(2, toy.state, info_for(r))
+    manager.save(2)
     with pytest.raises(CheckpointError, match=r"saving checkpoint .*step_2 failed"):
-        manager.save(3, toy.state, info_for(r))
+        manager.save(3)
     assert not (tmp_path / "checkpoints" / "step_2" / MARKER).exists()
     assert manager.resume_path() == tmp_path / "checkpoints" / "step_1"
 
@@ -237,13 +246,14 @@ def test_save_top_k_and_resume_skip_incomplete(
     r = recipe(tmp_path, async_checkpointing=False, callbacks={"save_top_k": 2})
     root = tmp_path / "checkpoints"
     (root / "step_0").mkdir(parents=True)  # left by a save that crashed long ago
-    manager, toy = CheckpointManager(r, env), Toy()
+    toy = Toy()
+    manager = managed(r, env, toy)
     for step in range(1, 5):
         toy.step()
-        manager.save(step, toy.state, info_for(r))
+        manager.save(step)
     manager.close()
     assert sorted(p.name for p in root.iterdir()) == ["step_3", "step_4"]
-    assert manager.save(4, toy.state, info_for(r), final=True) is None  # already saved
+    assert manager.save(4, final=True) is None  # already saved
 
     crashed = root / "step_5"
     shutil.copytree(root / "step_4", crashed)
@@ -255,13 +265,14 @@ def test_save_top_k_and_resume_skip_incomplete(
 
 def test_resume_restores_rng_and_every_stateful(env: DistEnv, tmp_path: Path) -> None:
     r = recipe(tmp_path, async_checkpointing=False)
-    manager, toy = CheckpointManager(r, env), Toy()
+    toy = Toy()
+    manager = managed(r, env, toy)
     toy.step()
-    manager.save(1, toy.state, info_for(r))
+    manager.save(1)
     after_save = [torch.rand(3), torch.rand(3)]
     fresh = Toy()
     torch.manual_seed(999)
-    marker = CheckpointManager(r, env).load(manager.resume_path(), fresh.state(), info_for(r))
+    marker = managed(r, env, fresh).load(manager.resume_path())
     assert marker["step"] == 1 and marker["world_size"] == 1
     assert all(torch.equal(torch.rand(3), expected) for expected in after_save)
     assert fresh.optimizer.state_dict()["state"][0]["step"] == 1
@@ -271,15 +282,15 @@ def test_resume_from_checkpoint_is_a_starting_point(env: DistEnv, tmp_path: Path
     """Another run's checkpoint starts this run; a restart continues from this run's own
     newer checkpoints; one inside this run's dir (a roll-back) always wins."""
     first = recipe(tmp_path / "first", async_checkpointing=False)
-    CheckpointManager(first, env).save(1, Toy().state, info_for(first))
+    managed(first, env).save(1)
     start = tmp_path / "first" / "checkpoints" / "step_1"
     second = recipe(
         tmp_path / "second", async_checkpointing=False, resume_from_checkpoint=str(start)
     )
-    manager = CheckpointManager(second, env)
+    manager = managed(second, env)
     assert manager.resume_path() == start
     for step in (2, 3):
-        manager.save(step, Toy().state, info_for(second))
+        manager.save(step)
     own = tmp_path / "second" / "checkpoints"
     assert CheckpointManager(second, env).resume_path() == own / "step_3"
     rollback = recipe(tmp_path / "second", resume_from_checkpoint=str(own / "step_2"))
@@ -301,15 +312,15 @@ def test_resume_with_a_different_model_names_what_differs(env: DistEnv, tmp_path
         vocab_size=40,
     )
     r = recipe(tmp_path, async_checkpointing=False)
-    manager, toy = CheckpointManager(r, env), Toy()
-    manager.save(1, toy.state, describe_run(r, LlamaForCausalLM(small), tokenizer))
+    manager = managed(r, env, info=describe_run(r, LlamaForCausalLM(small), tokenizer))
+    manager.save(1)
     assert (manager.resume_path() / "hf_assets" / "tokenizer.json").is_file()
 
     small.hidden_size = 32
     lora = recipe(tmp_path, model={"peft": {"peft_type": "lora"}}, async_checkpointing=False)
     other = describe_run(lora, LlamaForCausalLM(small), tokenizer)
     with pytest.raises(CheckpointError) as error:
-        manager.load(manager.resume_path(), Toy().state(), other)
+        managed(r, env, info=other).load(manager.resume_path())
     message = str(error.value)
     assert str(tmp_path / "checkpoints" / "step_1") in message
     assert "architecture hidden_size: checkpoint 16, this run 32" in message

@@ -32,7 +32,7 @@ from adapter.checkpoint import (
 )
 from adapter.distributed import DistEnv
 from tests.helpers_checkpoint import losses, metric_rows, render, train
-from tests.test_checkpoint import Toy, info_for, recipe
+from tests.test_checkpoint import Toy, info_for, managed, recipe
 
 SHARD = "__0_0.distcp"
 
@@ -67,15 +67,17 @@ def test_cleanup_by_a_rerun_during_a_save_never_leaves_a_marked_broken_checkpoin
     step_2 complete over an empty directory, and resuming failed instead of using step_1."""
     r = recipe(tmp_path, callbacks={"save_top_k": -1})
     root = tmp_path / "checkpoints"
-    dying, toy = CheckpointManager(r, env), Toy()
+    toy = Toy()
+    dying = managed(r, env, toy)
     toy.step()
-    dying.save(1, toy.state, info_for(r))
+    dying.save(1)
     dying.wait()
     at_step_1 = toy.weights()
 
     toy.step()
     written, go = threading.Event(), threading.Event()
-    dying.save(2, toy.state, held_assets(info_for(r), written, go))
+    dying.register(toy.state(), lambda: held_assets(info_for(r), written, go))
+    dying.save(2)
     assert written.wait(60)
     assert sorted(p.name for p in (root / "step_2").iterdir()) == [".metadata", SHARD]
     shard_bytes = (root / "step_2" / SHARD).stat().st_size
@@ -84,8 +86,8 @@ def test_cleanup_by_a_rerun_during_a_save_never_leaves_a_marked_broken_checkpoin
         raise OSError("killed")  # the re-run dies before it writes a byte
 
     monkeypatch.setattr(FileSystemWriter, "write_data", killed)
-    rerun = CheckpointManager(r, env)
-    rerun.save(2, Toy().state, info_for(r))  # removes step_2, then its write fails
+    rerun = managed(r, env)
+    rerun.save(2)  # removes step_2, then its write fails
     assert isinstance(outcome(rerun.close), CheckpointError)
     monkeypatch.undo()
 
@@ -104,7 +106,7 @@ def test_cleanup_by_a_rerun_during_a_save_never_leaves_a_marked_broken_checkpoin
     fresh = Toy()
     path = CheckpointManager(r, env).resume_path()
     assert path == root / "step_1"
-    CheckpointManager(r, env).load(path, fresh.state(), info_for(r))
+    managed(r, env, fresh).load(path)
     assert all(fresh.weights()[k].equal(v) for k, v in at_step_1.items())
 
 
@@ -116,15 +118,15 @@ def test_a_save_whose_files_another_run_replaced_is_not_marked_complete(
     so step_2 stays the re-run's own, complete and consistent."""
     r = recipe(tmp_path, callbacks={"save_top_k": -1})
     step_2 = tmp_path / "checkpoints" / "step_2"
-    dying, toy = CheckpointManager(r, env), Toy()
+    toy, written, go = Toy(), threading.Event(), threading.Event()
+    dying = managed(r, env, toy, held_assets(info_for(r), written, go))
     toy.step()
-    written, go = threading.Event(), threading.Event()
-    dying.save(2, toy.state, held_assets(info_for(r), written, go))
+    dying.save(2)
     assert written.wait(60)
     dying_id = read_dcp_metadata(step_2).storage_meta.save_id
 
-    rerun = CheckpointManager(r, env)
-    rerun.save(2, Toy().state, info_for(r))
+    rerun = managed(r, env)
+    rerun.save(2)
     rerun.close()
     rerun_marker = read_marker(step_2)
     go.set()
@@ -145,7 +147,7 @@ def test_marker_lists_the_save_id_and_every_file_with_its_size(
     env: DistEnv, tmp_path: Path
 ) -> None:
     r = recipe(tmp_path, async_checkpointing=False)
-    CheckpointManager(r, env).save(1, Toy().state, info_for(r))
+    managed(r, env).save(1)
     path = tmp_path / "checkpoints" / "step_1"
     marker = read_marker(path)
     assert marker["format"] == 2
@@ -178,7 +180,7 @@ def test_files_and_directory_are_flushed_before_the_marker(
         (directory / "config.json").write_text("{}")
 
     info = RunInfo(info_for(r).compat, info_for(r).recipe, write_assets)
-    CheckpointManager(r, env).save(1, Toy().state, info)
+    managed(r, env, info=info).save(1)
     assert (path / MARKER).is_file()
     metadata_synced = flushed.index(".metadata.tmp")
     assert SHARD in flushed[:metadata_synced]
@@ -242,17 +244,18 @@ def test_resume_falls_back_past_a_damaged_checkpoint(
 ) -> None:
     r = recipe(tmp_path, async_checkpointing=False, callbacks={"save_top_k": -1})
     root = tmp_path / "checkpoints"
-    manager, toy = CheckpointManager(r, env), Toy()
+    toy = Toy()
+    manager = managed(r, env, toy)
     toy.step()
-    manager.save(1, toy.state, info_for(r))
+    manager.save(1)
     at_step_1 = toy.weights()
     toy.step()
-    manager.save(2, toy.state, info_for(r))
+    manager.save(2)
     problem = damage(root / "step_2")
 
     fresh = Toy()
     with caplog.at_level(logging.WARNING, logger="adapter.checkpoint"):
-        resumed = CheckpointManager(r, env).resume(fresh.state(), info_for(r))
+        resumed = managed(r, env, fresh).resume()
     assert resumed is not None and resumed[0] == root / "step_1"
     assert resumed[1]["step"] == 1
     assert all(fresh.weights()[k].equal(v) for k, v in at_step_1.items())
@@ -264,12 +267,12 @@ def test_resume_falls_back_past_a_damaged_checkpoint(
 def test_no_intact_checkpoint_is_an_error_naming_each(env: DistEnv, tmp_path: Path) -> None:
     r = recipe(tmp_path, async_checkpointing=False, callbacks={"save_top_k": -1})
     root = tmp_path / "checkpoints"
-    manager = CheckpointManager(r, env)
+    manager = managed(r, env)
     for step in (1, 2):
-        manager.save(step, Toy().state, info_for(r))
+        manager.save(step)
     problems = [delete_shard(root / "step_2"), truncate_shard(root / "step_1")]
     with pytest.raises(CheckpointError) as error:
-        CheckpointManager(r, env).resume(Toy().state(), info_for(r))
+        managed(r, env).resume()
     assert str(error.value) == (
         f"no checkpoint to resume from is intact: {root / 'step_2'} is damaged: {problems[0]}; "
         f"{root / 'step_1'} is damaged: {problems[1]}. Restore the files named, or start "
@@ -279,7 +282,7 @@ def test_no_intact_checkpoint_is_an_error_naming_each(env: DistEnv, tmp_path: Pa
     # A step_<N> named in resume_from_checkpoint is that one or none: no fallback.
     rollback = recipe(tmp_path, resume_from_checkpoint=str(root / "step_2"))
     with pytest.raises(CheckpointError, match=f"{root / 'step_2'} is damaged: {SHARD} is"):
-        CheckpointManager(rollback, env).resume(Toy().state(), info_for(r))
+        managed(rollback, env, info=info_for(r)).resume()
 
 
 class Resized(Toy):
@@ -315,15 +318,15 @@ def test_a_checkpoint_of_another_model_stays_an_error(
     """Intact older checkpoints exist, but a model that doesn't fit (shapes or names the
     recorded architecture doesn't cover) is the user's to fix: no fallback."""
     r = recipe(tmp_path, async_checkpointing=False, callbacks={"save_top_k": -1})
-    manager = CheckpointManager(r, env)
+    manager = managed(r, env)
     for step in (1, 2):
-        manager.save(step, Toy().state, info_for(r))
-    state = other().state()
+        manager.save(step)
+    other_manager = managed(r, env, other())
     with (
         caplog.at_level(logging.WARNING, logger="adapter.checkpoint"),
         pytest.raises(CheckpointError) as error,
     ):
-        CheckpointManager(r, env).resume(state, info_for(r))
+        other_manager.resume()
     step_2 = tmp_path / "checkpoints" / "step_2"
     assert str(error.value).startswith(f"{step_2}: can't load this checkpoint: ")
     assert expected in str(error.value)

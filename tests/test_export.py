@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from adapter.checkpoint import CheckpointManager, ModelOptimizerState, describe_run, export_root
+from adapter.checkpoint import CheckpointManager, ModelOptimizerState, describe_run
 from adapter.config import Recipe, load_recipe
 from adapter.distributed import DistEnv
-from adapter.export import ExportSource, export_checkpoint, export_model, write_export
+from adapter.export import ExportSource, export_checkpoint, export_model, export_root, write_export
 from adapter.export import main as export_main
 from adapter.generate import main as generate_main
 from adapter.tokenizer import train_tokenizer
@@ -164,12 +164,10 @@ def test_peft_adapter_export_and_lora_merge(
 def save_checkpoint(model: nn.Module, tokenizer: Any, r: Recipe, env: DistEnv) -> Path:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     manager = CheckpointManager(r, env)
-    report = manager.save(
-        1,
-        lambda: {"app": ModelOptimizerState(model, optimizer)},
-        describe_run(r, model, tokenizer),
-        final=True,
+    manager.register(
+        {"app": ModelOptimizerState(model, optimizer)}, lambda: describe_run(r, model, tokenizer)
     )
+    report = manager.save(1, final=True)
     manager.close()
     assert report is not None
     return report.path

@@ -15,7 +15,7 @@ from adapter.data.formats import IGNORE_INDEX, Sample
 from adapter.data.loader import Batch, GlobalBatchSampler, pad_batch
 from adapter.data.packing import concat_samples, pack, pack_bins, padding_share
 from adapter.models import FAMILIES, build_model
-from adapter.trainer import forward
+from adapter.objectives.sft import forward
 from tests.adapter_helpers import FAMILY_ARCH, char_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

@@ -13,9 +13,9 @@ from adapter.config import ModelConfig, PeftConfig
 from adapter.data.formats import IGNORE_INDEX, Sample
 from adapter.data.loader import pad_batch
 from adapter.models import ModelError, build_model
+from adapter.objectives.sft import forward
 from adapter.peft import apply_peft, check_peft, peft_config
 from adapter.schema import Problem, apply_rules, rules_of
-from adapter.trainer import forward
 from tests.adapter_helpers import FAMILY_ARCH, REPO, matrix, register_cases, tiny_recipe
 
 FIXED_DATA = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import functools
 import json
 import math
 import os
@@ -80,7 +81,9 @@ def test_every_rank_gets_as_many_eval_batches_and_the_padding_weighs_nothing(lim
     """Validation sets smaller than, equal to and larger than the world size: the ranks'
     batch counts agree; without a limit, the real label tokens are exactly the set's."""
     from adapter.data.formats import IGNORE_INDEX, Sample
-    from adapter.data.loader import eval_batches
+    from adapter.data.loader import eval_batches, pad_batch, padding_batch
+
+    collate, pad_only = functools.partial(pad_batch, pad_id=0), functools.partial(padding_batch, 0)
 
     for num_samples in range(8):
         # Sample k: tokens 10+k (k+2 of them), the first one a prompt (no label).
@@ -91,7 +94,7 @@ def test_every_rank_gets_as_many_eval_batches_and_the_padding_weighs_nothing(lim
         for world_size in (1, 2, 3, 4):
             for micro in (1, 2, 3):
                 per_rank = [
-                    list(eval_batches(samples, micro, rank, world_size, 0, limit))
+                    list(eval_batches(samples, micro, rank, world_size, collate, pad_only, limit))
                     for rank in range(world_size)
                 ]
                 counts = {len(batches) for batches in per_rank}
@@ -151,6 +154,11 @@ def eval_cases(data: Path, tmp: Path, devices: int) -> dict[str, dict[str, Any]]
     return cases
 
 
+def generate_case(data: Path, tmp: Path, devices: int) -> dict[str, Any]:
+    """Greedy completions of 3 validation prompts, on rank 0 only (the model at init)."""
+    return {"kind": "generate", "recipe": recipe(data, tmp / "generate", 3, devices=devices)}
+
+
 def two_rank_cases(data: Path, tmp: Path) -> dict[str, dict[str, Any]]:
     fit = recipe(data, tmp / "fit", 1, max_steps=4, val_check_interval=2)
     save = recipe(data, tmp / "save")
@@ -181,6 +189,7 @@ def two_rank_cases(data: Path, tmp: Path) -> dict[str, dict[str, Any]]:
             "recipe": recipe(data, tmp / "tokenizer"),
             "rank1": {"exp_manager": {"exp_dir": str(tmp / "fit")}},
         },
+        "generate_on_rank0_only": generate_case(data, tmp, devices=2),
         # Last: on code that lets the ranks stop decoding apart, nothing after it is in step.
         "samples_stop_apart": {"kind": "samples", "recipe": recipe(data, tmp / "samples", 3)},
     }
@@ -226,7 +235,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         write_rows(data / f"val{rows}.jsonl", rows, seed=2)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     two = launch(torchrun, two_rank_cases(data, tmp), tmp, "two")
-    one = launch([sys.executable], eval_cases(data, tmp, devices=1), tmp, "one")
+    one_rank = {**eval_cases(data, tmp, devices=1), "generate": generate_case(data, tmp, 1)}
+    one = launch([sys.executable], one_rank, tmp, "one")
     results = {"two": finish(two, tmp, "two"), "one": finish(one, tmp, "one")[0]}
     return {**results, "tmp": tmp, "log": (tmp / "two.log").read_text()}
 
@@ -291,6 +301,16 @@ def test_sample_completions_that_stop_at_different_tokens_on_each_rank_do_not_ha
     rank0, rank1 = (r["samples_stop_apart"]["value"] for r in runs["two"])
     assert [len(tokens) for tokens in rank0] == [MAX_NEW_TOKENS] * 3
     assert rank1 == [[], [], []]
+
+
+@pytest.mark.slow
+def test_the_decoder_keeps_a_rank_without_prompts_in_step(runs: dict[str, Any]) -> None:
+    """Rank 0 completes 3 prompts under FSDP2 while rank 1 has none: rank 1 decodes dummy
+    prompts in step, and rank 0 gets the completions of one unsharded rank."""
+    rank0, rank1 = (r["generate_on_rank0_only"]["value"] for r in runs["two"])
+    assert rank1 == []
+    assert rank0 == runs["one"]["generate"]["value"]
+    assert len(rank0) == 3 and any(rank0)
 
 
 @pytest.mark.slow
@@ -406,6 +426,21 @@ def _run_case(case: dict[str, Any], rank: int) -> Any:
     if kind == "samples":
         _force_eos(trainer, rank)
         return trainer._show_samples()
+    if kind == "generate":
+        from adapter.generation import generate
+
+        val = trainer.objective.sample_prompts(trainer.data.val, 3) if rank == 0 else []
+        trainer.model.eval()
+        tokenizer = trainer.tokenizer
+        completions = generate(
+            trainer.model,
+            [sample.prompt for sample in val],
+            MAX_NEW_TOKENS,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            device=trainer.env.device,
+        )
+        return completions.tokens
     if kind == "save":
         if rank == 0:
             _fail_checkpoint_completion(trainer)

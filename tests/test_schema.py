@@ -147,3 +147,38 @@ def test_schema_import_does_not_import_torch() -> None:
     code = "import adapter.config, launcher.job, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def offload(cpu_offload: bool | None, offload_activations: bool | None) -> dict:
+    data = with_("model.cpu_offload", cpu_offload)
+    data["model"]["offload_activations"] = offload_activations
+    return data
+
+
+@pytest.mark.parametrize(
+    ("cpu_offload", "offload_activations", "resolved"),
+    [
+        (None, None, False),
+        (True, None, True),
+        (None, True, True),
+        (False, None, False),
+        (True, True, True),
+        (False, False, False),
+    ],
+)
+def test_cpu_offload_and_its_hyperpod_name_are_one_setting(
+    cpu_offload: bool | None, offload_activations: bool | None, resolved: bool
+) -> None:
+    """Every reader asks ``offloads_to_cpu``: FSDP2 on one rank too when it is on."""
+    from adapter.parallel import data_parallel
+
+    recipe = load_recipe(offload(cpu_offload, offload_activations))
+    assert recipe.model.offloads_to_cpu is resolved
+    assert data_parallel(recipe) == ("fsdp" if resolved else "single")
+
+
+def test_cpu_offload_and_a_different_hyperpod_name_are_an_error_naming_both() -> None:
+    assert problems(offload(False, True)) == [
+        "model.cpu_offload: got false, but model.offload_activations (its HyperPod name) is "
+        "true; set one of the two, e.g. model.cpu_offload alone"
+    ]

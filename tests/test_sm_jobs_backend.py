@@ -24,7 +24,7 @@ import boto3
 import pytest
 import yaml
 
-from adapter.metrics import MetricsLogger
+from adapter.metrics import MetricsLogger, perplexity
 from adapter.schema import ConfigError, parse
 from launcher.__main__ import main as launcher_cli
 from launcher.backends.sm_jobs import SmJobsBackend, SmJobsCluster
@@ -455,6 +455,11 @@ def test_no_region_fails_before_uploading(
 # --- metric definitions parse the adapter's own lines ------------------------------------
 
 
+def sft_metrics(loss: float) -> dict[str, float]:
+    """The named values the SFT objective reports for a cross-entropy of ``loss``."""
+    return {"LanguageCrossEntropy": loss, "LanguagePerplexity": perplexity(loss)}
+
+
 def adapter_metric_lines(exp_dir: Path) -> list[str]:
     """Lines printed by the adapter's MetricsLogger for one train and one eval step."""
     import contextlib
@@ -464,8 +469,9 @@ def adapter_metric_lines(exp_dir: Path) -> list[str]:
     logger = MetricsLogger(exp_dir, total_steps=10, enabled=True, tensorboard=False)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        logger.train(5, {"loss": 2.5, "lr": 1e-4, "grad_norm": 0.7, "tokens_per_s": 12345.6})
-        logger.eval(5, 2.25)
+        values = {"loss": 2.5, "lr": 1e-4, "grad_norm": 0.7, "tokens_per_s": 12345.6}
+        logger.train(5, values, sft_metrics(2.5))
+        logger.eval(5, 2.25, sft_metrics(2.25))
     return out.getvalue().splitlines()
 
 

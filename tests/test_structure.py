@@ -163,12 +163,33 @@ def test_no_launcher_module_imports_torch_or_a_cluster_sdk() -> None:
 # --- sizes --------------------------------------------------------------------------------
 
 
-def test_no_launcher_module_is_over_600_lines() -> None:
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_module_is_over_600_lines(package: str) -> None:
     sizes = {
         str(path.relative_to(REPO)): len(path.read_text().splitlines())
-        for path in (REPO / "launcher").rglob("*.py")
+        for path in (REPO / package).rglob("*.py")
     }
     assert {path: lines for path, lines in sizes.items() if lines > MAX_LINES} == {}
+
+
+def test_the_adapter_imports_nothing_of_the_launcher() -> None:
+    """The training job runs without the launcher's dependencies (hydra, SDKs)."""
+    crossing = {
+        name: sorted(target for target in targets if target.startswith("launcher"))
+        for name, targets in import_graph().items()
+        if name.startswith("adapter")
+    }
+    assert {name: targets for name, targets in crossing.items() if targets} == {}
+
+
+def test_every_adapter_class_says_what_it_is() -> None:
+    undocumented = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name}"
+        for path in sorted((REPO / "adapter").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and not ast.get_docstring(node)
+    ]
+    assert undocumented == []
 
 
 # --- backends and workloads ---------------------------------------------------------------

@@ -37,6 +37,8 @@ Rows = list[list[Segment]]
 
 @dataclass
 class DataStats:
+    """What reading, tokenizing, truncating and packing the data did (for the log)."""
+
     rows: int = 0
     skipped_rows: int = 0
     truncated: int = 0
@@ -69,6 +71,8 @@ class RawSplit:
 
 @dataclass
 class RawData:
+    """Every split's rows read and formatted, before tokenization."""
+
     train: RawSplit
     val: RawSplit | None
     stats: DataStats
@@ -86,6 +90,8 @@ class RawData:
 
 @dataclass
 class Datasets:
+    """The tokenized training sequences and validation samples."""
+
     train: list[Sample]
     val: list[Sample]
     stats: DataStats

@@ -47,12 +47,17 @@ class RowError(Exception):
 
 @dataclass(frozen=True)
 class Segment:
+    """A piece of a row's text, and whether its tokens are trained on (labels) or masked."""
+
     text: str
     trainable: bool
 
 
 @dataclass
 class Sample:
+    """One tokenized training sequence: input ids and labels (a packed one records its
+    parts' lengths)."""
+
     input_ids: list[int]
     labels: list[int]
     """Same length as input_ids; IGNORE_INDEX where no loss is computed."""
@@ -65,6 +70,9 @@ RowFormatter = Callable[[dict[str, Any], DataConfig, Any], list[Segment]]
 
 @dataclass(frozen=True)
 class Format:
+    """A registered ``dataset_type``: how its rows become segments, and how its files are
+    read."""
+
     name: str
     to_segments: RowFormatter | None
     """Row → segments; None for pre-tokenized data (``hf``)."""

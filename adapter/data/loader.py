@@ -9,9 +9,9 @@ the position (epoch, step in epoch) is all a checkpoint needs to continue exactl
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -19,10 +19,14 @@ from adapter.data.formats import IGNORE_INDEX, Sample
 
 PackedAttention = Literal["position_ids", "block_mask"]
 """How a model confines attention to each packed sample (see ``ModelFamily.packing``)."""
+Example = TypeVar("Example")
+MicroBatch = TypeVar("MicroBatch")
 
 
 @dataclass
 class Batch:
+    """A padded (or packed) micro-batch of ``Sample``s, as the model's forward takes it."""
+
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor | None
@@ -36,6 +40,11 @@ class Batch:
     cu_seq_lens: torch.Tensor | None = None
     """Packed by position ids: where each part (document, or a row's padding) starts in the
     flattened batch, and the end: int32 on the host (``document_sdpa`` reads it)."""
+
+    @property
+    def units(self) -> int:
+        """The loss units of SFT (see ``adapter.objectives.base.MicroBatch``): label tokens."""
+        return self.num_label_tokens
 
     def to(self, device: torch.device) -> Batch:
         """The batch's tensors on ``device`` (``cu_seq_lens`` stays on the host).
@@ -193,21 +202,22 @@ def block_causal_mask(parts: torch.Tensor) -> torch.Tensor:
 
 
 def eval_batches(
-    samples: list[Sample],
+    examples: Sequence[Example],
     micro_batch: int,
     rank: int,
     world_size: int,
-    pad_id: int,
+    collate: Callable[[list[Example]], MicroBatch],
+    padding: Callable[[], MicroBatch],
     limit: int = 0,
-    packed_attention: PackedAttention = "position_ids",
-) -> Iterator[Batch]:
-    """This rank's strided share of the validation set in micro-batches, then padding
-    batches (no label token) up to ``eval_batch_count``: the same number of forwards on
-    every rank, as FSDP needs (each forward is a collective), whatever the shares' sizes."""
-    mine = samples[rank::world_size]
-    for index in range(eval_batch_count(len(samples), micro_batch, world_size, limit)):
-        part = mine[index * micro_batch : (index + 1) * micro_batch]
-        yield pad_batch(part, pad_id, None, packed_attention) if part else padding_batch(pad_id)
+) -> Iterator[MicroBatch]:
+    """This rank's strided share of the validation set in micro-batches (``collate``), then
+    padding batches (``padding()``: no units) up to ``eval_batch_count``: the same number
+    of forwards on every rank, as FSDP needs (each forward is a collective), whatever the
+    shares' sizes."""
+    mine = examples[rank::world_size]
+    for index in range(eval_batch_count(len(examples), micro_batch, world_size, limit)):
+        part = list(mine[index * micro_batch : (index + 1) * micro_batch])
+        yield collate(part) if part else padding()
 
 
 def eval_batch_count(num_samples: int, micro_batch: int, world_size: int, limit: int = 0) -> int:

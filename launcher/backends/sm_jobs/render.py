@@ -14,7 +14,7 @@ from typing import Any
 
 from adapter.config import parse_time_limit
 from adapter.layout import RECIPE_FILE, TRAIN_SCRIPT
-from adapter.metrics import EVAL_CE, EVAL_PPL, TOKENS_PER_SECOND, TRAIN_CE, TRAIN_PPL
+from adapter.metrics import metric_names
 from launcher.backends.base import Artifacts
 from launcher.backends.sm_jobs.config import (
     CHANNEL_ROOT,
@@ -49,9 +49,8 @@ BASE_NAME_MAX = JOB_NAME_MAX - len("-YYYYMMDDHHMMSS")
 
 FLOAT = r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
 """One capture group: a decimal number as the adapter prints it (also 1e-05)."""
-METRIC_LINES = (TRAIN_CE, TRAIN_PPL, EVAL_CE, EVAL_PPL, TOKENS_PER_SECOND)
-"""The adapter's metric line prefixes (``<prefix>: <float>``): the one place to switch to
-the adapter's own list of every objective's lines once it has one."""
+METRIC_LINES = tuple(metric_names())
+"""The adapter's metric line prefixes (``<prefix>: <float>``) of every objective."""
 
 
 def metric_name(line_prefix: str) -> str:

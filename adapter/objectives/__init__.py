@@ -1,0 +1,50 @@
+"""Training objectives: what a run optimises, picked by ``model.objective``.
+
+The training loop (``adapter.trainer``) is the same for every objective: data → step → log
+→ eval → checkpoint → export. What differs — how micro-batches are built from the data's
+rows, the loss and the metrics it reports, what eval measures, which models take part
+besides the policy — is an ``Objective`` (``adapter.objectives.base``), one module of this
+package each: ``sft`` (supervised fine-tuning, continued pretraining) so far.
+
+This file is the registry, and torch-free: the launcher validates ``model.objective`` against
+it and generates SageMaker metric definitions from the metric names each objective declares
+(``adapter.metrics.metric_names``). Adding an objective: CONTRIBUTING.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adapter.schema import suggest
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """A registered objective: where its ``Objective`` class lives and what it reports."""
+
+    implementation: str
+    """``module:Class`` of the ``Objective`` subclass (imported only when a run uses it)."""
+    train_metrics: tuple[str, ...]
+    """Names of the values its ``metrics`` returns: ``Train metrics/train/<name>: <value>``."""
+    eval_metrics: tuple[str, ...]
+    """Names of the values its ``eval_metrics`` returns: ``Eval metrics/eval/<name>: <value>``."""
+    summary: str
+    """One line for error messages and docs."""
+
+
+LANGUAGE_METRICS = ("LanguageCrossEntropy", "LanguagePerplexity")
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "sft": ObjectiveSpec(
+        "adapter.objectives.sft:SFT",
+        train_metrics=LANGUAGE_METRICS,
+        eval_metrics=LANGUAGE_METRICS,
+        summary="supervised fine-tuning: cross-entropy on the response (or all text) tokens",
+    ),
+}
+
+
+def unknown_objective(name: str) -> str:
+    """Why ``name`` isn't an objective, with the registered ones."""
+    known = ", ".join(f"{key} ({spec.summary})" for key, spec in sorted(OBJECTIVES.items()))
+    return f"unknown objective {name!r}{suggest(name, OBJECTIVES)}; known: {known}"
