@@ -35,7 +35,6 @@ and ``manager`` (``CheckpointManager``). Import from ``adapter.checkpoint``.
 from adapter.checkpoint.files import (
     ASSETS,
     MARKER,
-    RECIPE_FILE,
     SAVE_ERRORS,
     CheckpointError,
     DamagedCheckpoint,
@@ -49,6 +48,7 @@ from adapter.checkpoint.files import (
 )
 from adapter.checkpoint.manager import CheckpointManager, SaveReport
 from adapter.checkpoint.state import ModelOptimizerState, RunInfo, describe_run
+from adapter.layout import RECIPE_FILE
 
 __all__ = [
     "ASSETS",

@@ -16,8 +16,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from adapter.checkpoint.files import RECIPE_FILE
 from adapter.config import Recipe
+from adapter.layout import RECIPE_FILE
 from adapter.schema import to_dict
 
 RNG_KEY = "rng"
