@@ -23,14 +23,15 @@
 # Progress goes to stderr; the Debian base build needs root (debootstrap, installed if missing).
 #
 # Environment: TORCH_VERSION (default 2.13.0), DEBIAN_MIRROR (default: this host's apt source),
-# RECIPES_DOCKER_CACHE, RECIPES_WHEEL_PORT (the wheels' port, default 38123).
+# RECIPES_DOCKER_CACHE, RECIPES_BASE_IMAGE (the Debian base's tag, default
+# recipes-base:bookworm), RECIPES_WHEEL_PORT (the wheels' port, default 38123).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${RECIPES_DOCKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/recipes-launcher/docker}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 SUITE=bookworm
-BASE_TAG="recipes-base:$SUITE"
+BASE_TAG="${RECIPES_BASE_IMAGE:-recipes-base:$SUITE}"
 BASE_PACKAGES=python3,python3-venv,ca-certificates
 WHEEL_PORT="${RECIPES_WHEEL_PORT:-38123}"
 
@@ -183,7 +184,13 @@ fi
 
 log "building $tag (docker build ${build_args[*]} ${docker_args[*]})"
 start=$SECONDS
+previous=$(docker image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
 DOCKER_BUILDKIT=0 docker build -f "$context/docker/Dockerfile" -t "$tag" \
   "${build_args[@]}" "${docker_args[@]}" "$context" >&2
 log "built $tag in $((SECONDS - start)) s"
+# The image the tag named before, now untagged: only its own top layers (the old source) go.
+if [[ -n "$previous" && $(docker image inspect --format '{{len .RepoTags}}' "$previous" \
+  2>/dev/null) == 0 ]]; then
+  docker rmi "$previous" >/dev/null 2>&1 || true
+fi
 echo "$tag"
