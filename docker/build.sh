@@ -32,6 +32,7 @@ CACHE="${RECIPES_DOCKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/recipes-launcher/
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 SUITE=bookworm
 BASE_TAG="${RECIPES_BASE_IMAGE:-recipes-base:$SUITE}"
+SUITE_PYTHON=3.11 # bookworm's python3: the wheels are for it
 BASE_PACKAGES=python3,python3-venv,ca-certificates
 WHEEL_PORT="${RECIPES_WHEEL_PORT:-38123}"
 
@@ -91,6 +92,7 @@ build_base() { # a minimal Debian with Python 3 as $BASE_TAG, from the Debian ar
   mirror=$(debian_mirror)
   rootfs=$(mktemp -d "${TMPDIR:-/tmp}/recipes-base.XXXXXX")
   log "building $BASE_TAG: debootstrap $SUITE from $mirror (about a minute)"
+  local start=$SECONDS
   if ! debootstrap --variant=minbase --include="$BASE_PACKAGES" "$SUITE" "$rootfs" "$mirror" \
     >"$rootfs.log" 2>&1; then
     tail -n 20 "$rootfs.log" >&2
@@ -100,6 +102,7 @@ build_base() { # a minimal Debian with Python 3 as $BASE_TAG, from the Debian ar
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/tmp/*
   tar -C "$rootfs" --numeric-owner -c . | docker import --change 'CMD ["bash"]' - "$BASE_TAG" >&2
   rm -rf "$rootfs" "$rootfs.log"
+  log "built $BASE_TAG in $((SECONDS - start)) s"
 }
 
 python_version() { # <image>: its python3's major.minor
@@ -114,6 +117,7 @@ download_wheels() { # <python version>: the wheel folder for it, downloaded once
   dir="$CACHE/wheels-$key"
   if [[ ! -f "$dir/.complete" ]]; then
     log "downloading wheels for Python $1 into $dir"
+    local start=$SECONDS
     tmp="$dir.partial"
     rm -rf "$tmp"
     mkdir -p "$tmp"
@@ -124,6 +128,7 @@ download_wheels() { # <python version>: the wheel folder for it, downloaded once
     touch "$tmp/.complete"
     rm -rf "$dir"
     mv "$tmp" "$dir"
+    log "downloaded the wheels in $((SECONDS - start)) s"
   fi
   echo "$dir"
 }
@@ -157,22 +162,34 @@ make_context() { # <context dir>: what the Dockerfile copies, and nothing else
 }
 
 cleanup() {
-  [[ -n "$server_pid" ]] && kill "$server_pid" 2>/dev/null
-  rm -rf "$context"
+  local pid
+  for pid in "$server_pid" "$download_pid"; do
+    [[ -n "$pid" ]] && kill "$pid" 2>/dev/null
+  done
+  rm -rf "$context" "$context.wheels"
 }
 
 context=$(mktemp -d "${TMPDIR:-/tmp}/recipes-image.XXXXXX")
 server_pid=""
+download_pid=""
 trap cleanup EXIT
 make_context "$context"
 build_args=(--build-arg "TORCH_VERSION=$TORCH_VERSION")
 if $cpu; then
   tag="${tag:-recipes-train:cpu}"
   if [[ -z "$base" ]]; then
+    # The wheels download while debootstrap runs: both mostly wait on the network.
+    download_wheels "$SUITE_PYTHON" >"$context.wheels" &
+    download_pid=$!
     build_base
+    wait "$download_pid" || die "downloading the wheels failed (see above)"
+    download_pid=""
+    wheels=$(cat "$context.wheels")
     base="$BASE_TAG"
+  else
+    wheels=$(download_wheels "$(python_version "$base")")
   fi
-  serve_wheels "$(download_wheels "$(python_version "$base")")"
+  serve_wheels "$wheels"
   build_args+=(--build-arg "TORCH_INDEX=cpu" --build-arg "PIP_NO_INDEX=1"
     --build-arg "PIP_FIND_LINKS=$wheel_url" --network host)
 else

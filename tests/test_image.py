@@ -19,6 +19,7 @@ use the host's network (``--network host``): these machines have no bridge netwo
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -60,9 +61,9 @@ TRAIN_FAST = [
 ]
 """The demo recipe shrunk to seconds; the final export stays on."""
 
-# The Kubeflow training operator (v1, pkg/controller.v1/pytorch/envvar.go and master.go)
-# appends these to the env of each PyTorchJob pod's containers.
 OPERATOR_PORT_NAME = "pytorchjob-port"
+"""The master container's port whose number the operator passes on as MASTER_PORT."""
+RUN_NUMBERS = itertools.count()
 
 
 # --- Docker and the image -----------------------------------------------------------------
@@ -105,13 +106,18 @@ def image() -> str:
     return built.stdout.strip().splitlines()[-1]
 
 
-def docker_run(image: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["docker", "run", "--rm", "--network", "host", image, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def docker_run(
+    image: str, *args: str, options: tuple[str, ...] = (), timeout: int = 120
+) -> subprocess.CompletedProcess[str]:
+    """``docker run --rm [options] <image> <args>``; the container is removed if it hangs."""
+    name = unique(f"run-{next(RUN_NUMBERS)}")
+    argv = ["docker", "run", "--rm", "--name", name, "--network", "host", *user_flag()]
+    try:
+        return subprocess.run(
+            [*argv, *options, image, *args], capture_output=True, text=True, timeout=timeout
+        )
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
 
 
 def user_flag() -> list[str]:
@@ -249,7 +255,14 @@ def test_image_runs_the_adapter_without_the_launchers_dependencies(image: str) -
 
 def operator_env(job: dict[str, Any], replica_type: str, index: int) -> dict[str, str]:
     """The env the training operator adds to pod ``index`` of ``replica_type``, with the master
-    pod's service name (``<job>-master-0``) replaced by this host's address."""
+    pod's service name (``<job>-master-0``) replaced by this host's address.
+
+    As the Kubeflow training operator v1 writes it (``setPodEnv`` in
+    pkg/controller.v1/pytorch/envvar.go, the master's part in master.go), after the
+    template's own env: PYTHONUNBUFFERED, MASTER_PORT/PET_MASTER_PORT, MASTER_ADDR/
+    PET_MASTER_ADDR, WORLD_SIZE (replicas × nprocPerNode), RANK and PET_NODE_RANK (the
+    replica's index, the workers' shifted by one), PET_NPROC_PER_NODE and, without an
+    elasticPolicy, PET_NNODES."""
     spec = job["spec"]
     replicas = sum(int(r.get("replicas", 1)) for r in spec["pytorchReplicaSpecs"].values())
     nproc = spec.get("nprocPerNode")
@@ -409,15 +422,10 @@ def demo_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return results / RUN_NAME / "recipe.yaml"
 
 
-def run_train(image: str, ml: Path) -> subprocess.CompletedProcess[str]:
-    """``docker run <image> train`` with ``ml`` as /opt/ml."""
-    argv = [*user_flag(), "-v", f"{ml}:/opt/ml", image, "train"]
-    return subprocess.run(
-        ["docker", "run", "--rm", "--network", "host", *argv],
-        capture_output=True,
-        text=True,
-        timeout=JOB_TIMEOUT_S,
-    )
+def run_train(image: str, ml: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``docker run [options] <image> train`` with ``ml`` as /opt/ml."""
+    mount = ("-v", f"{ml}:/opt/ml")
+    return docker_run(image, "train", options=(*options, *mount), timeout=JOB_TIMEOUT_S)
 
 
 BYOC_HYPERPARAMETERS = {
@@ -432,11 +440,18 @@ BYOC_HYPERPARAMETERS = {
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2])
 def test_byoc_train_runs_the_recipe_and_writes_the_model(
-    image: str, demo_recipe: Path, tmp_path: Path
+    image: str, demo_recipe: Path, tmp_path: Path, devices: int
 ) -> None:
-    ml = sagemaker_layout(tmp_path / "ml", demo_recipe, BYOC_HYPERPARAMETERS, ["algo-1"])
-    result = run_train(image, ml)
+    """One host: one rank runs the adapter directly, two run under torchrun on 127.0.0.1."""
+    params = BYOC_HYPERPARAMETERS | {
+        "trainer.devices": str(devices),
+        "model.global_batch_size": str(32 * devices),
+    }
+    ml = sagemaker_layout(tmp_path / "ml", demo_recipe, params, ["algo-1"])
+    port = free_port()
+    result = run_train(image, ml, "-e", f"MASTER_PORT={port}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert not (ml / "output" / "failure").exists()
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
@@ -453,10 +468,14 @@ def test_byoc_train_runs_the_recipe_and_writes_the_model(
     assert [row["step"] for row in read_metrics(output)] == [1, 2, 3, 4]
     assert [row["step"] for row in read_metrics(output, "eval")] == [2, 4]
     assert (output / "tensorboard").is_dir()  # the demo's TensorBoard logger works in the image
-    assert (
-        "train: /opt/venv/bin/python3 -m adapter.train /opt/ml/output/data/recipe.yaml"
-        in result.stderr
-    )
+    assert f"world size {devices} on cpu" in result.stdout
+    adapter = "-m adapter.train /opt/ml/output/data/recipe.yaml"
+    launch = {
+        1: f"train: /opt/venv/bin/python3 {adapter}",
+        2: "train: torchrun --nnodes=1 --nproc_per_node=2 --node_rank=0 "
+        f"--master_addr=127.0.0.1 --master_port={port} {adapter}",
+    }
+    assert launch[devices] in result.stderr
 
 
 @pytest.mark.slow
