@@ -84,9 +84,13 @@ build_base() { # a minimal Debian with Python 3 as $BASE_TAG, from the Debian ar
   [[ $(id -u) == 0 ]] || die "building $BASE_TAG needs root (debootstrap); or pass --base IMAGE"
   if ! command -v debootstrap >/dev/null; then
     log "installing debootstrap"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 \
-      --no-install-recommends debootstrap >&2 \
-      || die "apt-get install debootstrap failed (apt-get update first?)"
+    local apt=(apt-get -y -q -o DPkg::Lock::Timeout=300 --no-install-recommends)
+    export DEBIAN_FRONTEND=noninteractive
+    if ! "${apt[@]}" install debootstrap >&2; then
+      log "apt-get install failed; running apt-get update and retrying"
+      apt-get -q -o DPkg::Lock::Timeout=300 update >&2 || die "apt-get update failed"
+      "${apt[@]}" install debootstrap >&2 || die "apt-get install debootstrap failed"
+    fi
   fi
   local mirror rootfs
   mirror=$(debian_mirror)
