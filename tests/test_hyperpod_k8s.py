@@ -119,6 +119,17 @@ SETTINGS: dict[str, tuple[list[str], dict[str, Any]]] = {
             "hyperpod": {"num_restart_before_full_job_restart": 3, "eval_period_seconds": 60},
         },
     ),
+    "llama3_1_8b_recipe_elastic": (
+        [
+            f"container={IMAGE}",
+            "recipes=llama3_1_8b_sft",
+            "instance_type=ml.p5.48xlarge",
+            "recipes.model.data.train_dir=/fsx/chat/train",
+            "recipes.elastic_policy.is_elastic=true",
+            HYPERPOD,
+        ],
+        {"persistent_volume_claims": [{"claim_name": "fsx-claim", "mount_path": "/fsx"}]},
+    ),
     "custom_torchrun_job": (
         [
             f"container={IMAGE}",
@@ -196,6 +207,20 @@ def test_node_counts_and_timeouts_reach_the_elastic_policy(tmp_path: Path) -> No
         "restartPolicy": {"evalPeriodSeconds": 60, "numRestartBeforeFullJobRestart": 3},
         "ttlSecondsAfterFinished": 3600,
     }
+
+
+def test_the_8b_recipe_scales_over_the_node_counts_it_lists(tmp_path: Path) -> None:
+    """Its header's HyperPod EKS launch: only is_elastic=true added to the recipe's own range."""
+    overrides, cluster = SETTINGS["llama3_1_8b_recipe_elastic"]
+    spec = job_manifest(rendered(tmp_path, *overrides, cluster=cluster))["spec"]
+    assert spec["elasticPolicy"] == {
+        "minReplicas": 1,
+        "maxReplicas": 8,
+        "replicaDiscreteValues": [1, 2, 4, 8],
+    }
+    assert (spec["replicaSpecs"][0]["replicas"], spec["replicaSpecs"][0]["maxReplicas"]) == (1, 8)
+    message = config_errors(tmp_path, *overrides, "recipes.elastic_policy.node_counts=[1,2,3]")
+    assert "got 64, which gradient accumulation can't keep on 3 node(s)" in message
 
 
 def test_train_sh_execs_hyperpodrun_with_the_operators_rendezvous(tmp_path: Path) -> None:
