@@ -169,3 +169,23 @@ def test_elastic_range_is_checked_against_the_global_batch() -> None:
     ]
     data["elastic_policy"]["node_counts"] = [1, 2, 3]
     assert parse(Recipe, data)[1] == []
+
+
+def test_a_world_size_that_doesnt_fit_is_a_one_line_error(tmp_path: Path) -> None:
+    """``python -m adapter.train`` alone (one rank) on a recipe of 2 devices per node: the rank
+    says why in one line and exits 2 before building anything, no traceback."""
+    data = elastic_recipe(tmp_path, max_steps=3)
+    data["trainer"]["devices"] = 2
+    data["model"]["global_batch_size"] = 8
+    data["elastic_policy"] = {"is_elastic": False}
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(data))
+    command = [sys.executable, "-m", "adapter.train", str(recipe_file)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=180)
+    assert (done.returncode, done.stderr) == (
+        2,
+        "error: the recipe on 1 ranks is not valid, found 1 error(s):\n"
+        "  - trainer.devices: this job runs 1 ranks, not a multiple of trainer.devices=2: every "
+        "node must run trainer.devices ranks\n",
+    )
