@@ -329,7 +329,7 @@ def test_settings_of_the_other_kind_warn(tmp_path: Path) -> None:
 
 
 def test_job_name_leaves_room_for_the_pods_of_max_nodes(tmp_path: Path) -> None:
-    name = "a" * 55  # '-nodes-2' fits in 63 characters, '-worker-0' and '-nodes-10' don't
+    name = "a" * 57  # '-pod-2' fits in 63 characters, '-worker-0' and '-pod-10' don't
     assert plan_k8s(tmp_path, *P5_ELASTIC, f"recipes.run.name={name}", cluster=P5_CLUSTER)
     assert "at most 54 characters" in config_errors(tmp_path, *GPU_2X8, f"recipes.run.name={name}")
     eleven = [
@@ -341,7 +341,7 @@ def test_job_name_leaves_room_for_the_pods_of_max_nodes(tmp_path: Path) -> None:
     ]
     assert plan_k8s(tmp_path, *eleven)
     message = config_errors(tmp_path, *eleven, f"recipes.run.name={name}")
-    assert "a DNS-1035 label of at most 54 characters" in message
+    assert "a DNS-1035 label of at most 56 characters" in message
 
 
 def test_state_from_hyperpod_conditions() -> None:
@@ -408,19 +408,19 @@ def test_submit_status_logs_cancel(
     ]
 
     assert cli_status(capsys, run_dir)["state"] == "PENDING"
-    nodes = {f"{JOB_NAME}-nodes-1": "Running", f"{JOB_NAME}-nodes-0": "Running"}
+    nodes = {f"{JOB_NAME}-pod-1": "Running", f"{JOB_NAME}-pod-0": "Running"}
     operator_sets(api, "Running", nodes)
     status = cli_status(capsys, run_dir)
     assert (status["state"], status["reason"], status["pods"]) == ("RUNNING", "Running", nodes)
 
-    api.set_pod_log("default", f"{JOB_NAME}-nodes-0", "step 1 loss 2.0\n")
-    api.set_pod_log("default", f"{JOB_NAME}-nodes-1", "rank 1 prints nothing\n")
+    api.set_pod_log("default", f"{JOB_NAME}-pod-0", "step 1 loss 2.0\n")
+    api.set_pod_log("default", f"{JOB_NAME}-pod-1", "rank 1 prints nothing\n")
     code, out, err = cli(capsys, "logs", str(run_dir), "--follow")
     assert (code, out) == (0, "step 1 loss 2.0\n"), err
 
     operator_sets(api, "Faulted", nodes)  # a node failed: the operator is recovering it
     assert cli_status(capsys, run_dir)["state"] == "RUNNING"
-    operator_sets(api, "Completed", {f"{JOB_NAME}-nodes-0": "Succeeded"})
+    operator_sets(api, "Completed", {f"{JOB_NAME}-pod-0": "Succeeded"})
     assert cli_status(capsys, run_dir)["state"] == "COMPLETED"
 
     code, _, err = cli(capsys, "cancel", str(run_dir))

@@ -81,8 +81,9 @@ AGENT_PORT = 8080
 """Where the HyperPod elastic agent (``hyperpodrun``) serves the training operator."""
 HYPERPODRUN = "hyperpodrun"
 """The HyperPod elastic agent's launcher (PyPI ``hyperpod-elastic-agent``, in the image)."""
-REPLICA_NAME = "nodes"
-"""The one replica set of a HyperPodPyTorchJob: every node runs the same pod."""
+REPLICA_NAME = "pod"
+"""The one replica set of a HyperPodPyTorchJob (every node runs the same pod), named as the
+HyperPod CLI names it: the operator names the pods ``<job>-pod-<i>``."""
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
 

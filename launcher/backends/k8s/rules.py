@@ -65,7 +65,7 @@ def _gpus_fit_ranks(job: Job) -> list[Problem]:
 
 def _job_name_problem(job: Job) -> str | None:
     """The job's name must leave room for its operator's pod (and service) names:
-    ``<name>-worker-<i>`` (PyTorchJob), ``<name>-nodes-<i>`` (HyperPodPyTorchJob, up to
+    ``<name>-worker-<i>`` (PyTorchJob), ``<name>-pod-<i>`` (HyperPodPyTorchJob, up to
     ``max_nodes`` pods when elastic)."""
     name = k8s_name(job)
     if job_kind(cluster_of(job)) is HYPERPOD_JOB:
