@@ -158,7 +158,7 @@ def run(job: Job, spec: JobSpec, trainer: Any) -> dict[str, Any]:
     )
     print(f"running SageMaker local-mode job {project} on this machine (log: {log_path})")
     run = _Run(project, Path(spec.local_root or ""), spec.image, spec.instance_count > 1)
-    with open(log_path, "w") as log, _project_name(project), _stop_signals():
+    with open(log_path, "w") as log, _sdk_environment(project), _stop_signals():
         run.start(trainer, log)
     return run.finish(log_path)
 
@@ -185,7 +185,7 @@ class _Run:
             self.stopped = signal.SIGINT
         except _Stopped as exc:
             self.stopped = exc.signum
-        except (RuntimeError, ImportError, ValueError, OSError) as exc:
+        except Exception as exc:  # the SDK's: compose's exit, a missing tool, a refusal
             self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         finally:
             tee.flush()
@@ -291,17 +291,22 @@ def _refuse_if_another_local_job() -> None:
 
 
 @contextlib.contextmanager
-def _project_name(project: str) -> Iterator[None]:
-    """Compose names the project (and labels its containers) after ``COMPOSE_PROJECT_NAME``."""
-    previous = os.environ.get("COMPOSE_PROJECT_NAME")
-    os.environ["COMPOSE_PROJECT_NAME"] = project
+def _sdk_environment(project: str) -> Iterator[None]:
+    """While the SDK runs the job: Compose names the project (and labels its containers)
+    after ``COMPOSE_PROJECT_NAME``; and no EC2 instance-metadata lookup of AWS credentials,
+    which the SDK's telemetry would make for a session that local mode doesn't use (it
+    waits for timeouts, or fails behind a proxy)."""
+    changes = {"COMPOSE_PROJECT_NAME": project, "AWS_EC2_METADATA_DISABLED": "true"}
+    previous = {name: os.environ.get(name) for name in changes}
+    os.environ.update(changes)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("COMPOSE_PROJECT_NAME", None)
-        else:
-            os.environ["COMPOSE_PROJECT_NAME"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager

@@ -247,8 +247,9 @@ def _local_file_system(key: str, value: FileSystemInput) -> list[Problem]:
     return [
         Problem(
             key,
-            f"local mode mounts directory_path {missing} on this machine: mount the "
-            f"{value.file_system_type} file system there, or pass the data as a local path",
+            f"directory_path {missing} on this machine, which local mode mounts it from: "
+            f"mount the {value.file_system_type} file system there, or pass the data as a "
+            "local path",
         )
     ]
 
