@@ -6,7 +6,7 @@ local-container mode, which runs the CPU training image (``tests/test_image.py``
 fixture: built, or ``$RECIPES_TRAIN_IMAGE``) under this host's Docker Compose. Nothing of AWS
 is used: the launches run without AWS credentials, region or config, the SDK's telemetry is
 opted out and any other HTTP(S) request goes to a dead loopback proxy. Without a Docker
-daemon those tests are skipped with the reason.
+daemon or Docker Compose those tests are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import yaml
 
 from adapter.data.synthetic import SYNTHETIC_TASKS
 from launcher.__main__ import main as launcher_cli
+from launcher.backends.sm_jobs.client_local import docker_problem
 from launcher.backends.sm_jobs.render import REQUEST_FILE, metric_definitions
 from tests.conftest import REPO, read_metrics, run_main
 from tests.services.moto_sagemaker import DEAD_PROXY, ROLE_ARN, TELEMETRY_OFF_CONFIG
@@ -294,6 +295,16 @@ def compose_project_containers(project: str) -> list[str]:
 
 
 @pytest.fixture
+def local_image(image: str) -> str:  # noqa: F811
+    """The CPU training image, where this host also has the Docker Compose that the SDK's
+    local mode runs (skipped with the launcher's own reason where not)."""
+    problem = docker_problem()
+    if problem:
+        pytest.skip(f"local mode {problem}")
+    return image
+
+
+@pytest.fixture
 def containers_removed(tmp_path: Path) -> Iterator[None]:
     """However the test ends, no container of its local jobs is left running (a left one
     would block the next local job: one SDK network)."""
@@ -307,13 +318,13 @@ def containers_removed(tmp_path: Path) -> Iterator[None]:
 
 @pytest.mark.slow
 def test_local_job_trains_exactly_as_bare_metal_and_packs_the_model(
-    image: str,  # noqa: F811
+    local_image: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     containers_removed: None,
 ) -> None:
     data = write_data(tmp_path)
-    done = main_py(tmp_path, *LOCAL, f"container={image}", *FAST, *data)
+    done = main_py(tmp_path, *LOCAL, f"container={local_image}", *FAST, *data)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     run_dir = tmp_path / "results" / RUN_NAME
     root = run_dir / "sagemaker_local"
@@ -329,7 +340,7 @@ def test_local_job_trains_exactly_as_bare_metal_and_packs_the_model(
     request = request_of(run_dir)
     (service,) = yaml.safe_load((root / "docker-compose.yaml").read_text())["services"].values()
     algorithm = request["AlgorithmSpecification"]
-    assert service["image"] == algorithm["TrainingImage"] == image
+    assert service["image"] == algorithm["TrainingImage"] == local_image
     assert (
         service["entrypoint"] == algorithm["ContainerEntrypoint"] + algorithm["ContainerArguments"]
     )
@@ -392,13 +403,13 @@ def test_local_job_trains_exactly_as_bare_metal_and_packs_the_model(
 
 @pytest.mark.slow
 def test_local_job_with_bad_data_fails_with_the_reason(
-    image: str,  # noqa: F811
+    local_image: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     containers_removed: None,
 ) -> None:
     data = write_data(tmp_path, bad_line=True)
-    done = main_py(tmp_path, *LOCAL, f"container={image}", *FAST, *data)
+    done = main_py(tmp_path, *LOCAL, f"container={local_image}", *FAST, *data)
     assert done.returncode == 1, done.stdout[-4000:] + done.stderr[-4000:]
     run_dir = tmp_path / "results" / RUN_NAME
     reason = (
@@ -426,7 +437,7 @@ time.sleep(600)
 
 @pytest.mark.slow
 def test_cancel_stops_a_running_local_job(
-    image: str,  # noqa: F811
+    local_image: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     containers_removed: None,
@@ -438,7 +449,7 @@ def test_cancel_stops_a_running_local_job(
     code.mkdir()
     (code / "sleeper.py").write_text(SLEEPER)
     argv = [sys.executable, str(REPO / "main.py"), "recipes=custom_torchrun", *LOCAL]
-    argv += [f"container={image}", f"base_results_dir={tmp_path / 'results'}"]
+    argv += [f"container={local_image}", f"base_results_dir={tmp_path / 'results'}"]
     argv += ["recipes.trainer.num_nodes=1", "recipes.trainer.devices=1"]
     argv += ["recipes.trainer.accelerator=cpu", f"recipes.script.source_dir={code}"]
     argv += ["recipes.script.entry_point=sleeper.py"]
