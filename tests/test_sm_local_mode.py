@@ -368,14 +368,17 @@ def test_local_job_trains_exactly_as_bare_metal_and_packs_the_model(
     run_main(f"base_results_dir={bare}", *FAST, *data, check=True, timeout=JOB_TIMEOUT_S)
     assert [r["loss"] for r in train] == [r["loss"] for r in read_metrics(bare / RUN_NAME)]
 
-    # model.tar.gz: the exported model, the same as bare metal's to the last bit.
+    # model.tar.gz: the model the run exported (the container's /opt/ml/model), the same as
+    # bare metal's to the last bit.
     unpacked = tmp_path / "model"
     with tarfile.open(root / "compressed_artifacts" / "model.tar.gz") as tar:
         tar.extractall(unpacked, filter="data")
     assert record["model_artifacts"] == str(root / "compressed_artifacts" / "model.tar.gz")
     import torch
 
-    assert torch.equal(logits(unpacked), logits(bare / RUN_NAME / "hf_model"))
+    packed = logits(unpacked)
+    assert torch.equal(packed, logits(root / "artifacts" / "model"))
+    assert torch.equal(packed, logits(bare / RUN_NAME / "hf_model"))
 
     # What is left: the SDK's artifacts, no containers; status, logs and cancel read it.
     assert sorted(p.name for p in root.iterdir()) == [
