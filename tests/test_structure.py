@@ -29,7 +29,8 @@ from tests.conftest import REPO
 PACKAGES = ("launcher", "adapter")
 MAX_LINES = 600
 BACKEND_MODULES = {"__init__", "config", "rules", "render", "client"}
-"""Every backend package holds exactly these modules (see launcher/backends/base.py)."""
+"""Every backend package holds these modules (see launcher/backends/base.py), and besides
+them only parts of its client (``client_<part>.py``: I/O too big for one module)."""
 
 
 def module_name(path: Path) -> str:
@@ -205,7 +206,7 @@ def test_every_backend_directory_is_registered() -> None:
 def test_every_backend_is_a_package_of_the_same_shape(cluster_type: str) -> None:
     package = BACKENDS[cluster_type].split(":")[0]
     files = {path.stem for path in (REPO / package.replace(".", "/")).glob("*.py")}
-    assert files == BACKEND_MODULES
+    assert {name for name in files if not name.startswith("client_")} == BACKEND_MODULES
     backend = get_backend(cluster_type)
     assert isinstance(backend, Backend) and backend.type == cluster_type
     parts = {"rules": backend.checks, "render": backend.renderer, "client": backend.client}

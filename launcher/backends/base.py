@@ -17,6 +17,7 @@ Every backend is a package of the same shape (``launcher/backends/<type>/``):
 - ``render.py`` (3, pure): ``artifacts(job)`` (:class:`Renderer`);
 - ``client.py`` (1 and 4, everything that touches this machine or the cluster):
   ``resolve``, ``submit``, ``status``, ``logs``, ``cancel`` (:class:`Client`);
+  a client too big for one module is split into parts ``client_<part>.py`` that it imports;
 - ``__init__.py``: the ``Backend`` subclass naming its type, cluster config and those three
   modules, registered once under its ``cluster.type`` in ``launcher.backends``.
 

@@ -29,6 +29,14 @@ Every S3 object of a run lives under ``<output_path>/<base job name>/``: the sta
 (``<job>/input/<channel>``), the model (``<job>/output/model.tar.gz``), ``checkpoints/`` and
 ``tensorboard/``. The job name is the base name plus the submission time
 (``YYYYMMDDHHMMSS``), which the dry-run request shows as ``<timestamp>``.
+
+With ``cluster.local_mode=true`` the same request runs on this machine instead
+(``client_local``): ModelTrainer in the SDK's local-container mode starts one container of
+the local image ``container`` per instance with Docker Compose, local data mounted as
+channels, and packs the model into ``<run dir>/sagemaker_local/compressed_artifacts/
+model.tar.gz``; ``main.py`` runs it until it ends, and ``status``/``logs``/``cancel`` read the
+run dir and the Compose project's containers. What the request changes for it, and only
+that, is listed in ``render``'s docstring.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from adapter.layout import RECIPE_FILE, TRAIN_SCRIPT
 from adapter.schema import Problem
 from launcher import paths
 from launcher.backends.base import Artifacts
+from launcher.backends.sm_jobs import client_local
 from launcher.backends.sm_jobs.config import (
     CHANNEL_ROOT,
     ROLE_ENV,
@@ -39,6 +40,7 @@ from launcher.backends.sm_jobs.render import (
     JobSpec,
     data_inputs,
     job_spec,
+    local_sources,
 )
 from launcher.errors import LaunchError
 from launcher.instances import instance_spec
@@ -75,14 +77,18 @@ def resolve(job: Job) -> SmJobsResolved:
         image=image,
         image_problem=image_problem,
         channels=tuple(input_channels(job)),
+        **(client_local.resolve(job) if cluster_of(job).local_mode else {}),
     )
 
 
 def submit(job: Job, artifacts: Artifacts) -> dict[str, Any]:
     """Create the rendered training job through the SDK; with ``cluster.wait``, follow it."""
     spec = job_spec(job)
-    region = require_aws(spec.region)
     request = json.loads(artifacts.files[REQUEST_FILE])
+    if spec.local_mode:  # on this machine, under main.py until it ends
+        stage_source(job.run_dir, code := client_local.prepare(spec), spec.source_dir)
+        return client_local.run(job, spec, _checked_trainer(request, spec, code, None))
+    region = require_aws(spec.region)
     sent = create_training_job(request, spec, job.run_dir, region)
     (job.run_dir / REQUEST_FILE).write_text(json.dumps(sent["request"], indent=2) + "\n")
     name = sent["request"]["TrainingJobName"]
@@ -117,6 +123,8 @@ def _wait(record: LaunchRecord) -> dict[str, Any]:
 
 
 def status(record: LaunchRecord) -> JobStatus:
+    if record.details.get("local_mode"):
+        return client_local.status(record)
     if not record.job_name:
         detail = f"request: {record.details.get('request_file')}"
         return JobStatus(JobState.NOT_SUBMITTED, {"detail": detail})
@@ -125,6 +133,8 @@ def status(record: LaunchRecord) -> JobStatus:
 
 def logs(record: LaunchRecord, follow: bool = False, tail: int | None = None) -> None:
     """Print the job's CloudWatch logs (``-f``: until the job ends)."""
+    if record.details.get("local_mode"):
+        return client_local.logs(record, follow, tail)
     name = _submitted(record)
     reader = LogReader(_client("logs", record), name)
     lines = reader.read()
@@ -141,6 +151,8 @@ def logs(record: LaunchRecord, follow: bool = False, tail: int | None = None) ->
 
 def cancel(record: LaunchRecord) -> dict[str, Any]:
     """StopTrainingJob (SageMaker then stops the instances)."""
+    if record.details.get("local_mode"):
+        return client_local.cancel(record)
     name = _submitted(record)
     client = _client("sagemaker", record)
     current = job_status(client, name)
@@ -325,16 +337,16 @@ def model_trainer(
     it doesn't hold, from ``spec``: the local files to upload and the S3 prefix to stage at."""
     train, configs, session_helper = _sdk()
     bucket, prefix = _split_s3(spec.staging)
-    session = session_helper.Session(
+    session = boto_session and session_helper.Session(  # None: local mode, no AWS
         boto_session=boto_session, default_bucket=bucket, default_bucket_prefix=prefix
     )
     algorithm, resources = request["AlgorithmSpecification"], request["ResourceConfig"]
-    stopping, output = request["StoppingCondition"], request["OutputDataConfig"]
-    checkpoint, vpc = request["CheckpointConfig"], request.get("VpcConfig")
+    stopping, output = request["StoppingCondition"], request.get("OutputDataConfig")
+    checkpoint, vpc = request.get("CheckpointConfig"), request.get("VpcConfig")
     requirements = REQUIREMENTS_FILE if (source_dir / REQUIREMENTS_FILE).exists() else None
     trainer = train.ModelTrainer(
         sagemaker_session=session,
-        role=request["RoleArn"],
+        role=request.get("RoleArn"),
         base_job_name=request["TrainingJobName"].removesuffix(f"-{TIMESTAMP}"),
         training_image=algorithm["TrainingImage"],
         source_code=configs.SourceCode(
@@ -356,15 +368,18 @@ def model_trainer(
         networking=None
         if vpc is None
         else configs.Networking(subnets=vpc["Subnets"], security_group_ids=vpc["SecurityGroupIds"]),
-        output_data_config=configs.OutputDataConfig(
+        output_data_config=output
+        and configs.OutputDataConfig(
             s3_output_path=output["S3OutputPath"], compression_type=output["CompressionType"]
         ),
-        checkpoint_config=configs.CheckpointConfig(
+        checkpoint_config=checkpoint
+        and configs.CheckpointConfig(
             s3_uri=checkpoint["S3Uri"], local_path=checkpoint["LocalPath"]
         ),
         input_data_config=_sdk_inputs(request, spec, configs) or None,
         environment=dict(request["Environment"]),
         tags=[configs.Tag(key=t["Key"], value=t["Value"]) for t in request.get("Tags", [])] or None,
+        **client_local.trainer_mode(spec),
     )
     trainer.with_metric_definitions(
         [
@@ -385,7 +400,7 @@ def model_trainer(
 def _sdk_inputs(request: dict[str, Any], spec: JobSpec, configs: Any) -> list[Any]:
     """The request's channels as the SDK's inputs (not the SDK's own: it adds them); a local
     source is the path to upload, which the request shows at its staged S3 URI."""
-    uploads = {channel.name: channel.source for channel in spec.channels if channel.local}
+    uploads = local_sources(spec)
     inputs = []
     for channel in request["InputDataConfig"]:
         name, source = channel["ChannelName"], channel["DataSource"]

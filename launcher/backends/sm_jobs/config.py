@@ -91,6 +91,11 @@ class SmJobsCluster(ClusterConfig):
     """pip requirements installed before training; null = the adapter's (transformers, ...)."""
     wait: bool = False
     """Block until the job ends, streaming its CloudWatch logs."""
+    local_mode: bool = False
+    """Run the job on this machine instead (the SDK's local mode): the same request through
+    ModelTrainer in containers of the local image ``container`` (Docker Compose), local
+    data as channels, under ``main.py`` until it ends; model.tar.gz in the run dir. Needs no
+    AWS account: ``role`` and ``output_path`` may be null."""
     job_name_prefix: str | None = None
     """Base of the job name (a timestamp is appended); null = ``recipes.run.name``."""
 
@@ -125,6 +130,11 @@ class SmJobsResolved(Resolved):
     """Why the SDK found no image, when it was asked (reported by ``_image_is_known``)."""
     channels: tuple[ChannelSpec, ...]
     """Input channels, local sources absolute."""
+    docker_problem: str | None = None
+    """Local mode: why this machine can't run its containers (no Docker, no daemon, no
+    Compose), or None."""
+    image_found: bool = False
+    """Local mode: ``container`` is an image of this machine's Docker engine."""
 
 
 def cluster_of(job: Job) -> SmJobsCluster:

@@ -2,7 +2,24 @@
 the config and ``job.resolved``), the CreateTrainingJob request built from it, ``train.sh``,
 ``requirements.txt`` and the recipe with its paths moved into the container's layout. The
 request is the one source of the job: ``client.model_trainer`` derives the SDK's arguments
-from it."""
+from it.
+
+In local mode (``cluster.local_mode``) the request differs from the real job's in what the
+SDK's local mode requires, and nothing else:
+
+- ``ResourceConfig.InstanceType`` is ``local_gpu`` when the ranks use GPUs (the SDK then
+  gives the containers every GPU of this machine), else ``local_cpu``;
+- every channel is a directory of this machine, as the SDK's local mode mounts it
+  (``FileSystemDataSource`` of type ``EFS`` with only its ``DirectoryPath``) instead of an
+  upload to S3: a local data directory itself, a local data file in a directory of its own
+  under ``<run dir>/sagemaker_local/channels/``, the staged source dir
+  ``<run dir>/sagemaker_local/code`` and the SDK's drivers (a directory it makes under
+  ``<run dir>/sagemaker_local/`` at submission, ``<sm_drivers>`` here);
+- with ``cluster.role`` / ``cluster.output_path`` null (no AWS account needed), ``RoleArn``
+  and the S3 outputs derived from ``output_path`` (``OutputDataConfig``, ``CheckpointConfig``,
+  ``TensorBoardOutputConfig``) are left out; given, they are rendered as for the real job
+  (the SDK's local mode does not use them).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter.config import parse_time_limit
-from adapter.layout import RECIPE_FILE, TRAIN_SCRIPT
+from adapter.layout import LOGS_DIR, RECIPE_FILE, TRAIN_SCRIPT
 from adapter.metrics import metric_names
 from launcher.backends.base import Artifacts
 from launcher.backends.sm_jobs.config import (
@@ -44,6 +61,16 @@ SDK_ENTRYPOINT = ("/bin/bash",)
 SDK_ARGUMENTS = ("-c", f"chmod +x {SDK_DRIVERS} && {SDK_DRIVERS}")
 """How ModelTrainer starts a job with source code: its driver sources SM_* vars, installs
 ``requirements.txt``, then runs our command from ``/opt/ml/input/data/code``."""
+LOCAL_ROOT = "sagemaker_local"
+"""Local mode: the SDK's local container root in the run dir (its compose file, the staged
+source, the containers' /opt/ml folders, ``compressed_artifacts/model.tar.gz``)."""
+LOCAL_CODE_DIR = "code"
+LOCAL_CHANNELS_DIR = "channels"
+"""Under the local root: a local data file's channel, a directory holding only that file."""
+SDK_DRIVERS_DIR = "<sm_drivers>"
+"""Stands for the directory the SDK makes for its drivers under the local root (local mode)."""
+LOCAL_LOG_FILE = f"{LOGS_DIR}/train.log"
+"""Local mode: the containers' output, in the run dir."""
 JOB_NAME_MAX = 63
 BASE_NAME_MAX = JOB_NAME_MAX - len("-YYYYMMDDHHMMSS")
 
@@ -70,7 +97,8 @@ class JobSpec:
 
     base_job_name: str
     image: str
-    role: str
+    role: str | None
+    """None only in local mode (no AWS account needed)."""
     region: str | None
     instance_type: str
     instance_count: int
@@ -79,11 +107,12 @@ class JobSpec:
     use_spot: bool
     max_run: int
     max_wait: int | None
-    output_path: str
-    """``<cluster.output_path>/<base job name>``: S3OutputPath of the job."""
+    output_path: str | None
+    """``<cluster.output_path>/<base job name>``: S3OutputPath of the job (None: local mode
+    without ``output_path``)."""
     staging: str
     """``cluster.output_path``: the SDK uploads inputs to ``<staging>/<base>/<job>/input``."""
-    checkpoint_s3_uri: str
+    checkpoint_s3_uri: str | None
     tensorboard_s3_uri: str | None
     channels: tuple[ChannelSpec, ...]
     subnets: tuple[str, ...]
@@ -92,6 +121,13 @@ class JobSpec:
     environment: tuple[tuple[str, str], ...]
     source_dir: str | None = None
     """A custom job's code directory, staged instead of the adapter package."""
+    local_root: str | None = None
+    """Local mode: ``<run dir>/sagemaker_local``, the SDK's local container root; None for a
+    job on SageMaker."""
+
+    @property
+    def local_mode(self) -> bool:
+        return self.local_root is not None
 
 
 def artifacts(job: Job) -> Artifacts:
@@ -111,6 +147,9 @@ def artifacts(job: Job) -> Artifacts:
         "base_job_name": spec.base_job_name,
         "output_path": spec.output_path,
     }
+    if spec.local_root is not None:
+        log_file = str(job.run_dir / LOCAL_LOG_FILE)
+        record |= {"local_mode": True, "local_root": spec.local_root, "log_file": log_file}
     command = ["bash", f"{CODE_DIR}/{TRAIN_SCRIPT}"]
     return Artifacts(files=files, recipe=sm_recipe(job), command=command, record=record)
 
@@ -166,16 +205,16 @@ def job_spec(job: Job) -> JobSpec:
     """Every input of the job, from its config and ``job.resolved`` (pure; validated before)."""
     cluster = cluster_of(job)
     resolved = resolved_of(job)
-    prefix = run_prefix(job)
+    prefix = run_prefix(job) if cluster.output_path else None
     tensorboard = None
     if job.workload.writes("tensorboard"):
-        tensorboard = cluster.tensorboard_output_path or f"{prefix}/tensorboard"
+        tensorboard = cluster.tensorboard_output_path or _under(prefix, "tensorboard")
     return JobSpec(
         base_job_name=base_job_name(job),
         image=resolved.image,
-        role=resolved.role or "",
+        role=resolved.role,
         region=resolved.region,
-        instance_type=job.settings.instance_type or "",
+        instance_type=instance_type(job),
         instance_count=job.num_nodes,
         volume_size=cluster.volume_size,
         keep_alive=cluster.keep_alive_period_in_seconds,
@@ -184,7 +223,7 @@ def job_spec(job: Job) -> JobSpec:
         max_wait=max_wait(job),
         output_path=prefix,
         staging=_staging(job),
-        checkpoint_s3_uri=cluster.checkpoint_s3_uri or f"{prefix}/checkpoints",
+        checkpoint_s3_uri=cluster.checkpoint_s3_uri or _under(prefix, "checkpoints"),
         tensorboard_s3_uri=tensorboard,
         channels=resolved.channels,
         subnets=tuple(cluster.subnets),
@@ -192,7 +231,19 @@ def job_spec(job: Job) -> JobSpec:
         tags=tuple(cluster.tags.items()),
         environment=tuple(sorted(job_environment(job).items())),
         source_dir=job.workload.source_dir,
+        local_root=str(job.run_dir / LOCAL_ROOT) if cluster.local_mode else None,
     )
+
+
+def _under(prefix: str | None, name: str) -> str | None:
+    return None if prefix is None else f"{prefix}/{name}"
+
+
+def instance_type(job: Job) -> str:
+    """The job's instance type; in local mode the SDK's ``local_gpu`` or ``local_cpu``."""
+    if not cluster_of(job).local_mode:
+        return job.settings.instance_type or ""
+    return "local_gpu" if job.uses_gpu else "local_cpu"
 
 
 def sm_recipe(job: Job) -> dict[str, Any]:
@@ -282,7 +333,37 @@ def _file_system_channel(name: str, fs: FileSystemInput) -> dict[str, Any]:
     }
 
 
+def _local_channel(name: str, directory: str) -> dict[str, Any]:
+    """A directory of this machine as the SDK's local mode mounts it."""
+    return {
+        "ChannelName": name,
+        "DataSource": {
+            "FileSystemDataSource": {"DirectoryPath": directory, "FileSystemType": "EFS"}
+        },
+        "InputMode": "File",
+    }
+
+
+def local_channel_dir(spec: JobSpec, channel: ChannelSpec) -> str:
+    """Local mode: the directory mounted as a local source's channel (a file's own folder)."""
+    if channel.directory:
+        return channel.source or ""
+    return f"{spec.local_root}/{LOCAL_CHANNELS_DIR}/{channel.name}"
+
+
+def local_sources(spec: JobSpec) -> dict[str, str]:
+    """Each channel with a local source: the path ModelTrainer uploads, or mounts in local
+    mode, by channel name."""
+    return {
+        channel.name: local_channel_dir(spec, channel) if spec.local_mode else channel.source
+        for channel in spec.channels
+        if channel.local and channel.source
+    }
+
+
 def render_channels(spec: JobSpec, job_name: str) -> list[dict[str, Any]]:
+    if spec.local_mode:
+        return _render_local_channels(spec)
     channels = []
     for channel in spec.channels:
         if channel.file_system is not None:
@@ -296,6 +377,22 @@ def render_channels(spec: JobSpec, job_name: str) -> list[dict[str, Any]]:
             channels.append(_s3_channel(channel.name, channel.source or ""))
     channels += [_s3_channel(n, staged_uri(spec, job_name, n)) for n in SDK_CHANNELS]
     return channels
+
+
+def _render_local_channels(spec: JobSpec) -> list[dict[str, Any]]:
+    """Local mode's channels (the rules allow no S3 source there)."""
+    channels = [
+        _file_system_channel(channel.name, channel.file_system)
+        if channel.file_system is not None
+        else _local_channel(channel.name, local_channel_dir(spec, channel))
+        for channel in spec.channels
+    ]
+    code, drivers = SDK_CHANNELS
+    return [
+        *channels,
+        _local_channel(code, f"{spec.local_root}/{LOCAL_CODE_DIR}"),
+        _local_channel(drivers, f"{spec.local_root}/{SDK_DRIVERS_DIR}"),
+    ]
 
 
 def render_request(spec: JobSpec, job_name: str) -> dict[str, Any]:
@@ -322,13 +419,18 @@ def render_request(spec: JobSpec, job_name: str) -> dict[str, Any]:
         },
         "RoleArn": spec.role,
         "InputDataConfig": render_channels(spec, job_name),
-        "OutputDataConfig": {"S3OutputPath": spec.output_path, "CompressionType": "GZIP"},
+        "OutputDataConfig": {"S3OutputPath": spec.output_path, "CompressionType": "GZIP"}
+        if spec.output_path
+        else None,
         "ResourceConfig": resources,
         "StoppingCondition": stopping,
         "EnableManagedSpotTraining": spec.use_spot,
-        "CheckpointConfig": {"S3Uri": spec.checkpoint_s3_uri, "LocalPath": CHECKPOINT_DIR},
+        "CheckpointConfig": {"S3Uri": spec.checkpoint_s3_uri, "LocalPath": CHECKPOINT_DIR}
+        if spec.checkpoint_s3_uri
+        else None,
         "Environment": dict(spec.environment),
     }
+    request = {key: value for key, value in request.items() if value is not None}
     if spec.subnets:
         request["VpcConfig"] = {
             "SecurityGroupIds": list(spec.security_group_ids),

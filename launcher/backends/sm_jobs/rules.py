@@ -14,6 +14,7 @@ from launcher.backends.sm_jobs.config import (
     MODEL_DIR,
     ROLE_ENV,
     SDK_CHANNELS,
+    FileSystemInput,
     cluster_of,
     resolved_of,
 )
@@ -39,9 +40,11 @@ def _known_types() -> list[str]:
     return [f"ml.{name}" for name in known_instance_types()]
 
 
-@rule(*INSTANCE_INPUTS)
+@rule(*INSTANCE_INPUTS, "cluster.local_mode")
 def _check_instance(job: Job) -> list[Problem]:
     instance_type = job.settings.instance_type
+    if not instance_type and cluster_of(job).local_mode:
+        return []  # this machine
     if not instance_type:
         return [
             Problem(
@@ -95,9 +98,11 @@ def _check_devices(job: Job, instance_type: str, gpus: int, accelerator: str) ->
     return []
 
 
-@rule("cluster.role")
+@rule("cluster.role", "cluster.local_mode")
 def _check_role(job: Job) -> list[Problem]:
     cluster, role = cluster_of(job), resolved_of(job).role
+    if role is None and cluster.local_mode:
+        return []
     if role is None:
         return [
             Problem(
@@ -128,10 +133,15 @@ def _s3_problem(key: str, value: str) -> Problem | None:
     )
 
 
-@rule("cluster.output_path", "cluster.checkpoint_s3_uri", "cluster.tensorboard_output_path")
+@rule(
+    "cluster.output_path",
+    "cluster.checkpoint_s3_uri",
+    "cluster.tensorboard_output_path",
+    "cluster.local_mode",
+)
 def _check_s3(job: Job) -> list[Problem]:
     cluster = cluster_of(job)
-    if cluster.output_path is None:
+    if cluster.output_path is None and not cluster.local_mode:
         return [
             Problem(
                 "cluster.output_path",
@@ -200,7 +210,7 @@ def _no_tensorboard(job: Job) -> str:
     return f"set, but the adapter writes no TensorBoard events: pass {switch}=true or remove it"
 
 
-@rule("cluster.inputs", "cluster.subnets", "cluster.security_group_ids")
+@rule("cluster.inputs", "cluster.subnets", "cluster.security_group_ids", "cluster.local_mode")
 def _check_inputs(job: Job) -> list[Problem]:
     cluster = cluster_of(job)
     problems = []
@@ -213,6 +223,8 @@ def _check_inputs(job: Job) -> list[Problem]:
             problems.append(Problem(key, f"{name!r} is the SDK's own channel; use another name"))
         if isinstance(value, str):
             problems.extend(p for p in [_s3_problem(key, value)] if p)
+        elif cluster.local_mode:
+            problems.extend(_local_file_system(key, value))
         elif not cluster.subnets:
             problems.append(
                 Problem(
@@ -225,6 +237,39 @@ def _check_inputs(job: Job) -> list[Problem]:
         message = "subnets and security_group_ids go together: set both or neither"
         problems.append(Problem("cluster.subnets", message))
     return problems
+
+
+def _local_file_system(key: str, value: FileSystemInput) -> list[Problem]:
+    """Local mode mounts a file system input from this machine, where it must be mounted."""
+    missing = paths.unusable(value.directory_path, directory=True)
+    if missing is None:
+        return []
+    return [
+        Problem(
+            key,
+            f"directory_path {missing} on this machine, which local mode mounts it from: "
+            f"mount the {value.file_system_type} file system there, or pass the data as a "
+            "local path",
+        )
+    ]
+
+
+@rule(*path_keys("data"), "cluster.inputs", "cluster.local_mode")
+def _check_local_mode_data(job: Job) -> list[Problem]:
+    """Local mode reads no S3: it needs no AWS account, and runs offline."""
+    if not cluster_of(job).local_mode:
+        return []
+    values = {data.key: data.value for data in data_inputs(job)}
+    values |= {f"cluster.inputs.{n}": v for n, v in cluster_of(job).inputs.items()}
+    return [
+        Problem(
+            key,
+            f"{value!r}: local mode reads local data only; download it (aws s3 cp --recursive "
+            f"{value} <dir>) and pass {key}=<dir>, or run on SageMaker: cluster.local_mode=false",
+        )
+        for key, value in values.items()
+        if isinstance(value, str) and value.startswith("s3://")
+    ]
 
 
 @rule(*path_keys("data"), "cluster.inputs")
@@ -303,10 +348,14 @@ def _check_names(job: Job) -> list[Problem]:
     "cluster.region",
     "cluster.framework_version",
     "cluster.py_version",
+    "cluster.local_mode",
+    "dry_run",
 )
 def _image_is_known(job: Job) -> list[Problem]:
     """Without ``container``, the SDK picked an image for the region (``_look_up_image``)."""
     resolved = resolved_of(job)
+    if cluster_of(job).local_mode:
+        return _local_image(job)
     if job.settings.container:
         return []
     if resolved.region is None:
@@ -319,6 +368,54 @@ def _image_is_known(job: Job) -> list[Problem]:
             )
         ]
     return [resolved.image_problem] if resolved.image_problem else []
+
+
+def _local_image(job: Job) -> list[Problem]:
+    """Local mode runs an image of this machine's Docker engine (no registry, no AWS)."""
+    image, resolved = job.settings.container, resolved_of(job)
+    if not image:
+        return [
+            Problem(
+                "container",
+                "is required with cluster.local_mode=true: the training image to run on this "
+                "machine, e.g. container=recipes-train:cpu (bash docker/build.sh --cpu builds "
+                "it)",
+            )
+        ]
+    if job.settings.dry_run:
+        return []  # nothing runs: no Docker needed
+    if resolved.docker_problem:
+        return [Problem("cluster.local_mode", resolved.docker_problem)]
+    if not resolved.image_found:
+        return [
+            Problem(
+                "container",
+                f"{image!r} is not an image of this machine's Docker engine (docker image ls); "
+                f"build it (bash docker/build.sh --cpu) or pull it: docker pull {image}",
+            )
+        ]
+    return []
+
+
+@rule("cluster.local_mode", "recipes.trainer.accelerator", "instance_type", "dry_run")
+def _local_gpus(job: Job) -> list[Problem]:
+    """A local job whose ranks use GPUs needs them on this machine."""
+    if not cluster_of(job).local_mode or not job.uses_gpu or resolved_of(job).local_gpu:
+        return []
+    if job.settings.dry_run:
+        return []
+    cause = (
+        f"instance_type {job.settings.instance_type} has GPUs"
+        if job.workload.accelerator == "auto"
+        else "recipes.trainer.accelerator is gpu"
+    )
+    return [
+        Problem(
+            "cluster.local_mode",
+            f"the job's ranks use GPUs ({cause}) but this machine has none (no nvidia-smi): "
+            "run them on CPU here with recipes.trainer.accelerator=cpu, or on SageMaker",
+        )
+    ]
 
 
 @rule(*path_keys("checkpoints", "export"))
@@ -353,6 +450,8 @@ RULES: tuple[LaunchRule, ...] = (
     _check_names,
     _image_is_known,
     _layout_replaces_paths,
+    _check_local_mode_data,
+    _local_gpus,
 )
 
 
