@@ -111,6 +111,11 @@ class Workload(ABC):
     def accelerator(self) -> str:
         """``gpu``, ``cpu`` or ``auto`` (decided by the instance type, else this machine)."""
 
+    @property
+    @abstractmethod
+    def stop_grace_s(self) -> int:
+        """Seconds from a stop signal (SIGTERM) to SIGKILL: every backend's grace period."""
+
     # --- what runs ----------------------------------------------------------------------
 
     @abstractmethod
@@ -155,6 +160,12 @@ class Workload(ABC):
         """Where the ranks write their results."""
         return []
 
+    @property
+    def resumes(self) -> bool:
+        """Whether a restarted job (a requeue, a new pod, SageMaker's spot restart) continues
+        from its last checkpoint instead of from the start; a custom script: its own affair."""
+        return True
+
     def writes(self, role: str) -> bool:
         """Whether the job writes an output of ``role`` (e.g. ``tensorboard``)."""
         return any(output.role == role and output.written for output in self.outputs())
@@ -187,3 +198,7 @@ class RecipeWorkload(Workload):
     @property
     def accelerator(self) -> str:
         return self.recipe.trainer.accelerator
+
+    @property
+    def stop_grace_s(self) -> int:
+        return self.recipe.trainer.stop_grace_s

@@ -280,6 +280,7 @@ def pod_template(job: Job, cluster: K8sCluster) -> dict[str, Any]:
     }
     spec = {
         **{k: v for k, v in optional.items() if v is not None},
+        "terminationGracePeriodSeconds": termination_grace_period(job),
         "containers": [container],
         "volumes": volumes,
     }
@@ -287,6 +288,23 @@ def pod_template(job: Job, cluster: K8sCluster) -> dict[str, Any]:
     if cluster.annotations:
         meta["annotations"] = dict(cluster.annotations)
     return {"metadata": meta, "spec": spec}
+
+
+def termination_grace_period(job: Job) -> int:
+    """Seconds between the kubelet's SIGTERM to a pod (eviction, deletion, preemption) and its
+    SIGKILL: ``trainer.stop_grace_s``, in which the ranks finish their step and save."""
+    return job.workload.stop_grace_s
+
+
+def replica_spec(job: Job, cluster: K8sCluster, replicas: int, restart_policy: str) -> dict:
+    """One replica type's spec: its count, its restart policy (``ExitCode``, the default,
+    restarts a pod that exited 128 or more: a signal, or ``adapter.stop.STOPPED_EXIT_CODE``
+    after a stop saved its checkpoint; never a training bug's 1-127) and the pod template."""
+    return {
+        "replicas": replicas,
+        "restartPolicy": restart_policy,
+        "template": pod_template(job, cluster),
+    }
 
 
 def run_policy(job: Job, cluster: K8sCluster) -> dict[str, Any]:
@@ -303,19 +321,10 @@ def run_policy(job: Job, cluster: K8sCluster) -> dict[str, Any]:
 
 
 def render_pytorchjob(job: Job, cluster: K8sCluster) -> dict[str, Any]:
-    replicas = {
-        "Master": {
-            "replicas": 1,
-            "restartPolicy": cluster.restart_policy.master,
-            "template": pod_template(job, cluster),
-        }
-    }
+    policies = cluster.restart_policy
+    replicas = {"Master": replica_spec(job, cluster, 1, policies.master)}
     if job.num_nodes > 1:
-        replicas["Worker"] = {
-            "replicas": job.num_nodes - 1,
-            "restartPolicy": cluster.restart_policy.worker,
-            "template": pod_template(job, cluster),
-        }
+        replicas["Worker"] = replica_spec(job, cluster, job.num_nodes - 1, policies.worker)
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
