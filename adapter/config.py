@@ -93,7 +93,8 @@ class TrainerConfig:
     """A NaN or infinite loss or gradient norm (besides the steps fp16's loss scaler skips):
     ``stop`` the run with an error naming the step, before its optimizer step (no checkpoint
     holds the poisoned state); ``skip`` the step's update instead, counted in the metrics
-    (``skipped_steps``), stopping after 10 skipped in a row."""
+    (``skipped_steps``; the step and its data still count, and the learning-rate schedule
+    advances), stopping after 10 skipped in a row."""
 
     @rule("max_steps", "max_epochs")
     def _has_a_length(self) -> list[Problem]:

@@ -9,9 +9,9 @@ collective nor the rank; so the ranks that time out name them themselves:
   ``gloo:all_reduce``, sequence number, process group and tensor sizes; on by default,
   ``adapter.distributed.FLIGHT_RECORDER_ENTRIES``);
 - the ranks that didn't arrive: every rank that timed out says so in torchrun's rendezvous
-  store and waits ``ROLL_CALL_S`` for the others; those that never answer are named (a
-  stalled rank can't answer; a rank that is merely slow would have arrived before the
-  timeout).
+  store and waits for the others (``ROLL_CALL_S``, at most the timeout); those that never
+  answer are named (a stalled rank can't answer; the healthy ones, waiting in the same
+  collective, time out together).
 
 On CUDA the NCCL watchdog ends the process itself at the timeout, naming the collective
 (``WorkNCCL(SeqNum=..., OpType=...)``), and dumps each rank's flight recorder
@@ -109,14 +109,15 @@ def describe_stall(timeout_s: int, where: str) -> str:
     the roll call (every rank that timed out takes part)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     collective = last_collective()
-    missing = roll_call(rank, world_size)
+    wait_s = min(ROLL_CALL_S, timeout_s)
+    missing = roll_call(rank, world_size, wait_s)
     if missing is None:
         who = "which ranks didn't arrive is unknown (torchrun's rendezvous store didn't answer)"
     elif missing:
         names = ", ".join(map(str, missing))
         who = (
             f"rank{'s' if len(missing) > 1 else ''} {names} didn't arrive (no word from "
-            f"{'them' if len(missing) > 1 else 'it'} {ROLL_CALL_S:.0f} s after the timeout: "
+            f"{'them' if len(missing) > 1 else 'it'} {wait_s:g} s after the timeout: "
             "stopped, hung, or its node is gone)"
         )
     else:
@@ -140,7 +141,7 @@ def last_collective() -> str:
         return "the collective is unknown (no flight recorder entries)"
     entry = max(entries, key=lambda e: e.get("record_id", 0))
     group = entry.get("process_group") or ["", ""]
-    ranks = (trace.get("pg_config", {}).get(group[0]) or {}).get("ranks", "?")
+    ranks = group_ranks(trace.get("pg_config") or {}, group)
     return (
         f"{entry.get('profiling_name', '?')} (collective #{entry.get('collective_seq_id', '?')} "
         f"of process group {group[-1] or group[0]}, ranks {ranks}, tensor sizes "
@@ -148,10 +149,19 @@ def last_collective() -> str:
     )
 
 
-def roll_call(rank: int, world_size: int) -> list[int] | None:
-    """The ranks that didn't say, within ``ROLL_CALL_S``, that a collective timed out for
-    them too (through torchrun's store, not the process group, which is what timed out);
-    None without torchrun or when its store can't be reached."""
+def group_ranks(configs: dict[str, Any], group: list[str]) -> str:
+    """The ranks of the flight recorder's process group ``[name, description]``; torch 2.13
+    records the default group's config under the name ``""`` before naming it ``"0"``."""
+    config = configs.get(group[0])
+    if config is None and group[-1] == "default_pg":
+        return str(list(range(dist.get_world_size())))
+    return str((config or {}).get("ranks", "?"))
+
+
+def roll_call(rank: int, world_size: int, wait_s: float) -> list[int] | None:
+    """The ranks that didn't say, within ``wait_s``, that a collective timed out for them too
+    (through torchrun's store, not the process group, which is what timed out); None without
+    torchrun or when its store can't be reached."""
     store = rendezvous_store()
     if store is None:
         return None
@@ -162,7 +172,7 @@ def roll_call(rank: int, world_size: int) -> list[int] | None:
 
     try:
         store.set(key(rank), "timed out")
-        deadline = time.monotonic() + ROLL_CALL_S
+        deadline = time.monotonic() + wait_s
         everyone = [key(other) for other in range(world_size)]
         while not store.check(everyone) and time.monotonic() < deadline:
             time.sleep(0.1)

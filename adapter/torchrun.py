@@ -16,13 +16,17 @@ runs torchrun's own ``main`` and exits with
 
 It also gives torchrun the grace period: the wait between passing a stop signal to the
 ranks and SIGKILLing them (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, torch ≥ 2.11; older torchrun
-waits 30 s) is ``--stop-grace-s``, and SIGUSR1 (Slurm's ``--signal`` warning) is handled as
-torchrun handles SIGTERM: passed on to the ranks. Unhandled, it would kill torchrun, and the
-ranks with it (they die with their agent: ``adapter.train.die_with_torchrun``).
+waits 30 s) is ``--stop-grace-s``, also when it stops the other ranks after one failed (torch 2.13
+waits a fixed 30 s there: ``PContext._poll`` calls ``close()`` and ``_stop_workers`` calls
+``_shutdown()``, both with their default timeout); and SIGUSR1 (Slurm's
+``--signal`` warning) is handled as torchrun handles SIGTERM: passed on to the ranks.
+Unhandled, it would kill torchrun, and the ranks with it (they die with their agent:
+``adapter.train.die_with_torchrun``).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SignalException(f"Process {os.getpid()} got signal: {signum}", signal.Signals(signum))
 
     signal.signal(signal.SIGUSR1, pass_on)
+    close_within_the_grace()
     with tempfile.TemporaryDirectory(prefix="recipes-torchrun-") as tmp:
         record = Path(tmp) / "stopped.json"
         os.environ[STOP_RECORD_ENV] = str(record)
@@ -67,6 +72,26 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 128 + signalled.sigval
     return 0
+
+
+def close_within_the_grace() -> None:
+    """Make every wait of torchrun's agent between the stop signal and SIGKILL its shutdown
+    timeout (the grace period), not a fixed 30 s: torch 2.13 closes the workers with
+    ``PContext.close``'s default timeout when a rank failed. Left as it is when
+    ``PContext.close`` doesn't look as expected (another torch)."""
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    close = PContext.close
+    if "timeout" not in inspect.signature(close).parameters:
+        return
+    grace_s = int(os.environ.get(SHUTDOWN_TIMEOUT_ENV, "30"))
+
+    def close_within(
+        self: PContext, death_sig: signal.Signals | None = None, timeout: int = 0
+    ) -> None:
+        return close(self, death_sig, grace_s)
+
+    PContext.close = close_within  # type: ignore[method-assign]
 
 
 def stopped(why: str) -> int:

@@ -36,6 +36,8 @@ CHECKSUM_CHUNK = 8 << 20
 """Bytes read at a time to checksum a file."""
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 """A write that failed because the file system (or the user's quota) is full."""
+FULL_BELOW = 16 << 20
+"""A file system with less free space than this (and than a checkpoint) counts as full."""
 # DCP reports failures of any rank as CheckpointException, a BaseException.
 SAVE_ERRORS = (Exception, CheckpointException)
 # What a failed DCP load raises when the files themselves are bad (not the model).
@@ -276,23 +278,54 @@ def file_problems(path: Path, marker: dict[str, Any], share: tuple[int, int] = (
     return problems or checksum_problems(path, checksums, share)
 
 
-def out_of_space(error: BaseException) -> bool:
-    """Whether a failed save ran out of disk space (or quota) on any rank."""
+def out_of_space(error: BaseException, root: Path, failed: Path) -> bool:
+    """Whether the save of ``failed`` (under ``root``) failed for want of disk space (or
+    quota): an ENOSPC/EDQUOT in ``error``, or less space left than the newest complete
+    checkpoint takes (``FULL_BELOW`` at least). torch's zip writer, which DCP writes each
+    shard with, turns ENOSPC into "RuntimeError: ... unexpected pos" and loses the errno."""
+    if _no_space_error(error):
+        return True
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return False
+    newest = next((p for p in complete_checkpoints(root, warn=False) if p != failed), None)
+    return free < max(FULL_BELOW, checkpoint_bytes(newest) if newest else 0)
+
+
+def _no_space_error(error: BaseException) -> bool:
     if isinstance(error, CheckpointException):
-        return any(out_of_space(exc) for exc, _ in error.failures.values())
+        return any(_no_space_error(exc) for exc, _ in error.failures.values())
     if isinstance(error, OSError) and error.errno in NO_SPACE:
         return True
     cause = error.__cause__ or error.__context__
-    return cause is not None and out_of_space(cause)
+    return cause is not None and _no_space_error(cause)
 
 
-def free_space(path: Path) -> str:
-    """``<free> free of <total>`` on the file system holding ``path``."""
+def checkpoint_bytes(path: Path) -> int:
+    """The bytes a complete checkpoint's files take, as its marker lists them."""
     try:
-        usage = shutil.disk_usage(path)
+        files = read_marker(path).get("files") or {}
+        return sum(int(entry["size"]) for entry in files.values())
+    except (CheckpointError, AttributeError, KeyError, TypeError, ValueError):
+        return 0
+
+
+def full_disk(root: Path, failed: Path) -> str:
+    """What to say of a save of ``failed`` that ran out of space under ``root`` (before its
+    incomplete directory is removed)."""
+    try:
+        usage = shutil.disk_usage(root)
+        space = f"{human_bytes(usage.free)} free of {human_bytes(usage.total)}"
     except OSError as exc:
-        return f"free space unknown ({exc.strerror or exc})"
-    return f"{human_bytes(usage.free)} free of {human_bytes(usage.total)}"
+        space = f"free space unknown: {exc.strerror or exc}"
+    newest = next((p for p in complete_checkpoints(root, warn=False) if p != failed), None)
+    if newest is not None:
+        space += f"; a checkpoint takes {human_bytes(checkpoint_bytes(newest))}"
+    return (
+        f"The file system of {root} is full ({space}): free space there or point "
+        f"exp_manager.checkpoint_dir elsewhere; the incomplete {failed.name} is removed"
+    )
 
 
 def human_bytes(count: float) -> str:

@@ -37,9 +37,9 @@ from adapter.checkpoint.files import (
     ensure_writable,
     file_crc32,
     file_problems,
-    free_space,
     fsync_path,
     fsync_tree,
+    full_disk,
     is_damage,
     out_of_space,
     read_dcp_metadata,
@@ -240,14 +240,11 @@ class CheckpointManager:
         if not self._any_rank(error is not None):
             return
         detail = f": {one_line(error)}" if error else " on another rank (see its log)"
-        if self._any_rank(error is not None and out_of_space(error)):
+        full = error is not None and out_of_space(error, self.root, path)
+        if self._any_rank(full):
+            detail += f". {full_disk(self.root, path)}"
             if self.env.is_main:
                 remove_checkpoint(path)
-            detail += (
-                f". The file system of {self.root} is full ({free_space(self.root)}): free "
-                f"space there or point exp_manager.checkpoint_dir elsewhere; the incomplete "
-                f"{path.name} was removed"
-            )
         raise CheckpointError(
             f"saving checkpoint {path} failed{detail}. The previous complete "
             f"checkpoint in {self.root} is untouched; fix the cause and re-run to resume"
