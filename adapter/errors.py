@@ -16,13 +16,15 @@ from adapter.data.formats import DataError
 from adapter.distributed import PeerError
 from adapter.faults import NonFiniteError, describe_stall, is_collective_timeout
 from adapter.models import ModelError
+from adapter.schema import ConfigError
 from adapter.stop import STOPPED_EXIT_CODE, StopRequested, StopSignals
 
 if TYPE_CHECKING:
     from adapter.trainer import Trainer
 
-USER_ERRORS = (DataError, CheckpointError, ModelError, PeerError)
-"""One line and exit code 2: a user's mistake, or another rank's failure (reported there)."""
+USER_ERRORS = (DataError, CheckpointError, ModelError, PeerError, ConfigError)
+"""One line and exit code 2: a user's mistake (a recipe that can't run at this world size
+among them), or another rank's failure (reported there)."""
 FAULTS = (NonFiniteError,)
 """One line and exit code 1: training went wrong (the message says what to change)."""
 

@@ -236,6 +236,15 @@ def test_kubernetes_pods_get_the_grace_period_and_retry_a_stop(tmp_path: Path) -
         assert replicas[kind]["template"]["spec"]["terminationGracePeriodSeconds"] == 77
     assert "  --stop-grace-s=77 \\\n" in files["train.sh"]
 
+    # HyperPodPyTorchJob: the operator restarts a pod after any failure (runPolicy), so only
+    # the grace period is rendered: the pods' and hyperpodrun's wait before SIGKILL.
+    hyperpod = "cluster.use_hyperpod_pytorch_job=true"
+    job, backend = planned(tmp_path, "k8s", GRACE, *nodes, hyperpod, "container=img:1")
+    files = backend.render(job).files
+    [replica] = yaml.safe_load(files["hyperpodpytorchjob.yaml"])["spec"]["replicaSpecs"]
+    assert replica["template"]["spec"]["terminationGracePeriodSeconds"] == 77
+    assert "\nexport TORCH_ELASTIC_SHUTDOWN_TIMEOUT=77\n" in files["train.sh"]
+
 
 def test_local_launcher_waits_the_grace_period_before_sigkill(tmp_path: Path) -> None:
     job, _ = planned(tmp_path, "local", GRACE, *TWO_RANKS)

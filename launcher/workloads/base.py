@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from adapter.elastic import ElasticPolicy
 from adapter.schema import Parsed, Problem
 from launcher.rendezvous import Rendezvous
 
@@ -115,6 +116,12 @@ class Workload(ABC):
     @abstractmethod
     def stop_grace_s(self) -> int:
         """Seconds from a stop signal (SIGTERM) to SIGKILL: every backend's grace period."""
+
+    @property
+    def elastic(self) -> ElasticPolicy | None:
+        """Its elastic range (HyperPod EKS scales it between ``min_nodes`` and
+        ``max_nodes``), or None: it runs on ``num_nodes``."""
+        return None
 
     # --- what runs ----------------------------------------------------------------------
 
