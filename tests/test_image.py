@@ -478,7 +478,8 @@ def test_byoc_train_runs_the_recipe_and_writes_the_model(
     adapter = "-m adapter.train /opt/ml/output/data/recipe.yaml"
     launch = {
         1: f"train: /opt/venv/bin/python3 {adapter}",
-        2: "train: torchrun --nnodes=1 --nproc_per_node=2 --node_rank=0 "
+        2: "train: /opt/venv/bin/python3 -m adapter.torchrun --stop-grace-s=120 --nnodes=1 "
+        "--nproc_per_node=2 --node_rank=0 "
         f"--master_addr=127.0.0.1 --master_port={port} {adapter}",
     }
     assert launch[devices] in result.stderr
