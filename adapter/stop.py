@@ -70,6 +70,15 @@ class StopSignals:
             signal.signal(sig, self._on_signal)
         return self
 
+    def ignore_further(self) -> None:
+        """Ignore SIGTERM, SIGHUP and SIGUSR1 from now on, interpreter shutdown included (which
+        would restore their default, death): the stop is saved, and torchrun SIGTERMs the
+        ranks still exiting once one has ended, which would turn their exit code 200 into a
+        death by SIGTERM. SIGINT keeps its handler (Ctrl-C twice: stop now)."""
+        for sig in STOP_SIGNALS:
+            if sig != signal.SIGINT:
+                signal.signal(sig, signal.SIG_IGN)
+
     @property
     def requested(self) -> bool:
         return self.signal is not None

@@ -31,10 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     die_with_torchrun()  # first: the sooner, the shorter the window before it applies
     stop = StopSignals().install()  # before the slow imports: a stop during them is clean
     try:
-        return run(sys.argv[1:] if argv is None else argv, stop)
+        code = run(sys.argv[1:] if argv is None else argv, stop)
     except StopRequested as stopped:
         print(f"{stopped}; exit code {STOPPED_EXIT_CODE}", file=sys.stderr)
-        return STOPPED_EXIT_CODE
+        code = STOPPED_EXIT_CODE
+    if code == STOPPED_EXIT_CODE:
+        stop.ignore_further()
+    return code
 
 
 def run(args: list[str], stop: StopSignals) -> int:

@@ -107,8 +107,9 @@ def test_stopped_twice_then_resumed_matches_an_uninterrupted_run(
     first = start(run_dir, "first")
     wait_for_line(run_dir / "first.log", r"\nstep 3/16 ", first)
     os.kill(rank_pid(first.pid, 1), signal.SIGTERM)
-    assert first.wait(timeout=60) == STOPPED_EXIT_CODE
+    code = first.wait(timeout=60)
     log = (run_dir / "first.log").read_text()
+    assert code == STOPPED_EXIT_CODE, log[-3000:]
     step = stopped_at(log, "a stop signal reached another rank")
     assert 3 <= step < STEPS - 4
     assert f"saved checkpoint {root / f'step_{step}'} in " in log
