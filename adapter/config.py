@@ -81,6 +81,22 @@ class TrainerConfig:
     """Evaluate on at most this many micro-batches per rank; 0 = the whole validation set."""
     log_every_n_steps: int = bounded(10, ge=1)
     """Print/record metrics every N optimizer steps."""
+    stop_grace_s: int = bounded(120, ge=1, le=65535)
+    """Seconds a stopped job has, from the stop signal (SIGTERM; Slurm's SIGUSR1 ahead of the
+    time limit) to SIGKILL, to finish its step and save a checkpoint. Each backend is set from
+    it: Slurm's ``--signal=B:USR1@<s>``, Kubernetes' ``terminationGracePeriodSeconds``,
+    torchrun's shutdown timeout, the local launcher's wait before SIGKILL; SageMaker gives 120."""
+    collective_timeout_s: int = bounded(600, ge=1)
+    """Process group timeout: a collective (all-reduce, FSDP's all-gathers, a barrier) that
+    not every rank reaches within this many seconds ends the run with an error naming it and
+    the ranks that didn't arrive. Raise it if one rank works alone longer between collectives
+    (rank 0 loading a large pretrained model)."""
+    non_finite: Literal["stop", "skip"] = "stop"
+    """A NaN or infinite loss or gradient norm (besides the steps fp16's loss scaler skips):
+    ``stop`` the run with an error naming the step, before its optimizer step (no checkpoint
+    holds the poisoned state); ``skip`` the step's update instead, counted in the metrics
+    (``skipped_steps``; the step and its data still count, and the learning-rate schedule
+    advances), stopping after 10 skipped in a row."""
 
     @rule("max_steps", "max_epochs")
     def _has_a_length(self) -> list[Problem]:

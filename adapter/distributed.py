@@ -6,12 +6,18 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from adapter.config import TrainerConfig
+
+FLIGHT_RECORDER_ENTRIES = 2000
+"""Collectives torch's flight recorder keeps per rank (``TORCH_FR_BUFFER_SIZE``, unless set):
+a stalled collective is named from it (``adapter.faults``). A few hundred bytes each, a few
+microseconds per collective recorded."""
 
 
 @dataclass(frozen=True)
@@ -44,14 +50,21 @@ def init_distributed(trainer: TrainerConfig) -> DistEnv:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(FLIGHT_RECORDER_ENTRIES))
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             rank=rank,
             world_size=world_size,
             device_id=device if use_cuda else None,
             store=None if under_torchrun else dist.HashStore(),
+            timeout=collective_timeout(trainer),
         )
     return DistEnv(rank, local_rank, world_size, device)
+
+
+def collective_timeout(trainer: TrainerConfig) -> timedelta:
+    """How long a rank waits in a collective for the others (``trainer.collective_timeout_s``)."""
+    return timedelta(seconds=trainer.collective_timeout_s)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -48,8 +48,16 @@ def die_with_parent_hook(parent_pid: int) -> Callable[[], None] | None:
     return die_with_parent
 
 
-TORCH_AGENTS = ("torchrun", "torch.distributed.run", "torch.distributed.launch")
-"""How a torchrun agent shows in its command line (the script, or ``python -m`` module)."""
+TORCH_AGENTS = (
+    "torchrun",
+    "torch.distributed.run",
+    "torch.distributed.launch",
+    "adapter.torchrun",
+    "hyperpodrun",
+)
+"""How a torchrun agent shows in its command line (the script, or ``python -m`` module):
+torch's, the launcher's wrapper of it (``python3 -m adapter.torchrun``, what PyTorchJob pods
+exec) and the HyperPod elastic agent (what HyperPodPyTorchJob pods exec)."""
 
 
 def pid1_is_a_torch_agent() -> bool:

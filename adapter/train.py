@@ -12,6 +12,7 @@ import yaml
 from adapter.config import load_recipe
 from adapter.lifetime import die_with_current_parent
 from adapter.schema import ConfigError
+from adapter.stop import STOPPED_EXIT_CODE, StopRequested, StopSignals
 
 
 def die_with_torchrun() -> None:
@@ -28,7 +29,18 @@ def die_with_torchrun() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_torchrun()  # first: the sooner, the shorter the window before it applies
-    args = sys.argv[1:] if argv is None else argv
+    stop = StopSignals().install()  # before the slow imports: a stop during them is clean
+    try:
+        code = run(sys.argv[1:] if argv is None else argv, stop)
+    except StopRequested as stopped:
+        print(f"{stopped}; exit code {STOPPED_EXIT_CODE}", file=sys.stderr)
+        code = STOPPED_EXIT_CODE
+    if code == STOPPED_EXIT_CODE:
+        stop.ignore_further()
+    return code
+
+
+def run(args: list[str], stop: StopSignals) -> int:
     if len(args) != 1:
         print("usage: python -m adapter.train <recipe.yaml>", file=sys.stderr)
         return 2
@@ -44,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # tqdm bars garble logs collected from every rank
     from adapter.errors import run_reporting_user_errors
 
-    return run_reporting_user_errors(recipe)
+    return run_reporting_user_errors(recipe, stop)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -23,18 +23,26 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from adapter.attention import NAME as DOCUMENT_ATTENTION
 from adapter.build import build_training_model, frozen_builder
-from adapter.checkpoint import CheckpointManager, ModelOptimizerState, RunInfo, describe_run
+from adapter.checkpoint import (
+    CheckpointManager,
+    ModelOptimizerState,
+    RunInfo,
+    describe_run,
+    newest_complete,
+)
 from adapter.config import Recipe, TrainerConfig, parse_duration
 from adapter.data.formats import DataError
 from adapter.data.loader import GlobalBatchSampler, eval_batches
 from adapter.distributed import DistEnv, fail_together, gather_objects, init_distributed
 from adapter.export import ExportSchedule
+from adapter.faults import NonFiniteGuard, prepare_nccl_dumps
 from adapter.generation import generate
 from adapter.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
 from adapter.objectives import OBJECTIVES
 from adapter.objectives.base import LossOutput, Objective, TrainingData, objective_class
 from adapter.optim import build_optimizer, build_scheduler
 from adapter.parallel import autocast, describe_parallelism, set_gradient_sync
+from adapter.stop import STOPPED_EXIT_CODE, StopRequested, StopSignals, write_stop_record
 from adapter.tokenizer import load_tokenizer, save_trained_tokenizer, saved_or_trained_tokenizer
 
 SAMPLE_TOKENS = 12
@@ -66,6 +74,9 @@ class StepResult(NamedTuple):
     grad_norm: float
     metrics: dict[str, float]
     """The objective's named values (``Objective.metrics``)."""
+    stop: bool = False
+    """Some rank was asked to stop (a signal) by the time of this step's all-reduce: every
+    rank stops after this step."""
 
 
 class Trainer:
@@ -73,7 +84,11 @@ class Trainer:
     tokenizer and data, objective, model, optimizer, sampler, checkpoints, exports), ``fit``
     trains it to the end. Every method is a collective: each rank runs the same calls."""
 
-    def __init__(self, recipe: Recipe) -> None:
+    def __init__(self, recipe: Recipe, stop: StopSignals | None = None) -> None:
+        self.stop = stop or StopSignals()
+        """The stop signals ``adapter.train`` installed (none: nothing stops this run)."""
+        if recipe.trainer.accelerator != "cpu":
+            prepare_nccl_dumps(Path(recipe.exp_manager.exp_dir or "."))
         self.env: DistEnv = init_distributed(recipe.trainer)
         self.planned = recipe
         """The recipe as written; ``recipe`` is it at this job's world size (elastic jobs)."""
@@ -94,6 +109,9 @@ class Trainer:
         self.total_steps = total_steps(recipe.trainer, self.sampler)
         self.scheduler = build_scheduler(self.optimizer, recipe.model.optim, self.total_steps)
         self.state = TrainState()
+        self._step_s = 0.0
+        """Seconds the latest logged steps took each: with a save's, what a stop takes."""
+        self._warned_grace = False
         # fp16 needs loss scaling; the sharded scaler agrees on inf/NaN across ranks.
         self.scaler = ShardedGradScaler(device=self.env.device.type) if fp16 else None
         self.checkpoints = CheckpointManager(recipe, self.env)
@@ -104,6 +122,9 @@ class Trainer:
             self.total_steps,
             enabled=self.env.is_main,
             tensorboard=recipe.exp_manager.create_tensorboard_logger,
+        )
+        self.non_finite = NonFiniteGuard(
+            recipe.trainer.non_finite, fp16, self.metrics.info, self._last_checkpoint
         )
 
     def checkpoint_state(self) -> dict[str, Stateful]:
@@ -127,42 +148,53 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------
     def fit(self) -> None:
+        """Train to the end; a stop signal ends it after a step with that step saved
+        (``StopRequested``), a non-finite step with ``NonFiniteError`` (``non_finite: stop``)."""
         self._report_setup()
         self._resume()
         first_step = self.metrics.first_step = self.state.step
         eval_every = self._eval_interval()
         start = window_start = time.monotonic()
-        window_tokens = 0
-        while self.state.step < self.total_steps:
-            result = self.train_step()
-            self.state.step += 1
-            step = self.state.step
-            window_tokens += result.tokens
-            self.metrics.progress(step, result.loss)
-            if step % self.recipe.trainer.log_every_n_steps == 0 or step == self.total_steps:
-                elapsed = time.monotonic() - window_start
-                self._log_train(step, result, window_tokens / max(elapsed, 1e-9))
-                window_tokens, window_start = 0, time.monotonic()
-            if eval_every and step % eval_every == 0 and step != self.total_steps:
+        window_tokens = window_steps = 0
+        with self.stop.deferred():
+            while self.state.step < self.total_steps:
+                result = self.train_step()
+                self.state.step += 1
+                step = self.state.step
+                window_tokens += result.tokens
+                window_steps += 1
+                self.metrics.progress(step, result.loss)
+                last = step == self.total_steps
+                if step % self.recipe.trainer.log_every_n_steps == 0 or last or result.stop:
+                    elapsed = time.monotonic() - window_start
+                    self._step_s = elapsed / window_steps
+                    self._log_train(step, result, window_tokens / max(elapsed, 1e-9))
+                    window_tokens, window_steps, window_start = 0, 0, time.monotonic()
+                if result.stop:
+                    self._stop(step)
+                if eval_every and step % eval_every == 0 and not last:
+                    self.evaluate()
+                self._save(step)
+                self._export(step)
+            # A stop signal from here on is not acted on: the run is finishing.
+            if self.data.val:
                 self.evaluate()
-            self._save(step)
-            self._export(step)
-        if self.data.val:
-            self.evaluate()
-        self._save(self.state.step, final=True)
-        self.checkpoints.close()
-        self._export(self.state.step, final=True)
-        elapsed = time.monotonic() - start
-        self.metrics.info(
-            f"trained {self.total_steps - first_step} steps (to step {self.total_steps}) "
-            f"in {elapsed:.1f}s"
-        )
-        self._show_samples()
+            self._save(self.state.step, final=True)
+            self.checkpoints.close()
+            self._export(self.state.step, final=True)
+            elapsed = time.monotonic() - start
+            self.metrics.info(
+                f"trained {self.total_steps - first_step} steps (to step {self.total_steps}) "
+                f"in {elapsed:.1f}s"
+            )
+            self._show_samples()
         self.metrics.close()
         self.metrics.info(f"results: {self.exp_dir}")
 
     def train_step(self) -> StepResult:
-        """One optimizer step over this rank's micro-batches."""
+        """One optimizer step over this rank's micro-batches. The optimizer updates the
+        weights only after the step's one host sync has shown its loss and gradient norm
+        finite (every rank reads the same all-reduced values, so they decide alike)."""
         device = self.env.device
         indices = self.sampler.next_step()
         micro = self.objective.step_batches(self.model, indices, self.data.train)
@@ -183,15 +215,21 @@ class Trainer:
             scaled = output.loss * scale
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             sums.add(output)
-        grad_norm = self._optimizer_step()
-        summed = sums.all_reduced()
-        self.state.consumed_samples += self.sampler.global_batch
+        grad_norm = self._unscale_and_clip()
+        # Whether this rank was asked to stop rides along in the sums' all-reduce (a fill
+        # kernel, no copy from the host): the ranks that a signal reached in time make every
+        # rank stop after this step.
+        asked = torch.full((1,), float(self.stop.requested), dtype=torch.float32, device=device)
+        summed = sums.all_reduced(asked)
         # The step's one host sync: everything it reports, in a single transfer.
         reported = torch.cat([summed.double(), counts, grad_norm.double().reshape(1)]).tolist()
         totals = sums.named(reported[: len(sums)])
-        units, tokens, norm = reported[len(sums) :]
+        stopping, units, tokens, norm = reported[len(sums) :]
+        loss = totals["loss"] / max(units, 1.0)
+        self._update(loss, norm)
+        self.state.consumed_samples += self.sampler.global_batch
         metrics = self._declared(self.objective.metrics(totals, units), "train_metrics")
-        return StepResult(totals["loss"] / max(units, 1.0), int(tokens), norm, metrics)
+        return StepResult(loss, int(tokens), norm, metrics, stopping > 0)
 
     def evaluate(self) -> float:
         """The objective's eval loss per unit over the whole validation set (all ranks);
@@ -239,20 +277,62 @@ class Trainer:
             )
         return values
 
-    def _optimizer_step(self) -> torch.Tensor:
-        """Unscale (fp16), clip, step, schedule; returns the total gradient norm (0-dim,
-        on the device)."""
+    def _unscale_and_clip(self) -> torch.Tensor:
+        """Unscale (fp16) and clip; the total gradient norm (0-dim, on the device)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = self._clip_gradients()
-        if self.scaler:
+        return self._clip_gradients()
+
+    def _update(self, loss: float, grad_norm: float) -> bool:
+        """Step the optimizer unless the step was non-finite (``NonFiniteGuard``), then the
+        schedule; returns whether the weights were updated."""
+        step = self.state.step + 1
+        finite = self.non_finite.allows_update(step, loss, grad_norm)
+        if finite and self.scaler:
             self.scaler.step(self.optimizer)  # skipped when gradients overflowed
             self.scaler.update()
-        else:
+        elif finite:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return finite
+
+    def _last_checkpoint(self) -> str:
+        """The newest complete checkpoint, once the save in flight (of an earlier, finite
+        step) has ended (every rank: a collective)."""
+        self.checkpoints.wait()
+        newest = newest_complete(self.checkpoints.root, warn=False)
+        return f"The last complete checkpoint is {newest}" if newest else "No checkpoint yet"
+
+    def _stop(self, step: int) -> NoReturn:
+        """Save this step synchronously and stop: every rank is here, after the same step."""
+        grace = self.recipe.trainer.stop_grace_s
+        self.metrics.info(
+            f"stopping after step {step} of {self.total_steps} ({self._heard()}; "
+            f"trainer.stop_grace_s={grace}): saving a checkpoint"
+        )
+        report = self.checkpoints.save_now(step)
+        self.checkpoints.close()
+        if report is None:
+            saved = "checkpointing is off (exp_manager.checkpoint_callback_params): nothing saved"
+        else:
+            saved = f"saved checkpoint {report.path} in {report.blocked_s:.2f}s"
+        if self.stop.received_at is not None:
+            used = time.monotonic() - self.stop.received_at
+            saved += f" ({used:.1f} s of the {grace} s grace period used)"
+        self.metrics.info(
+            f"{saved}; exiting with code {STOPPED_EXIT_CODE}: run the same job again (or let "
+            "the cluster requeue or restart it) to resume from there"
+        )
+        if self.env.local_rank == 0:
+            write_stop_record({"step": step, "checkpoint": str(report.path) if report else None})
+        raise StopRequested(f"stopped after step {step}", self.stop.signal, reported=True)
+
+    def _heard(self) -> str:
+        """Which signal asked this rank to stop, and when; or that another rank was asked."""
+        if self.stop.signal is None or self.stop.received_at is None:
+            return "a stop signal reached another rank"
+        return f"{self.stop.signal.name} {time.monotonic() - self.stop.received_at:.1f} s ago"
 
     @property
     def document_attention(self) -> bool:
@@ -279,6 +359,8 @@ class Trainer:
             "mfu": self._mfu(tokens_per_s),
             "peak_memory_gib": peak_memory_gib(self.env.device),
         }
+        if self.recipe.trainer.non_finite == "skip":
+            values["skipped_steps"] = self.non_finite.skipped_steps
         self.metrics.train(step, values, result.metrics)
 
     def _mfu(self, tokens_per_s: float) -> float | None:
@@ -319,6 +401,22 @@ class Trainer:
         self.metrics.info(
             f"saved checkpoint {report.path} ({how}; training blocked {report.blocked_s:.3f}s, "
             f"{report.waited_s:.3f}s of it waiting for the previous save)"
+        )
+        self._warn_if_a_stop_would_not_fit()
+
+    def _warn_if_a_stop_would_not_fit(self) -> None:
+        """Once: when a step and the slowest complete save so far take longer than the grace
+        period, a stop signal's checkpoint would be cut short by SIGKILL."""
+        needed = self._step_s + self.checkpoints.slowest_write_s
+        grace = self.recipe.trainer.stop_grace_s
+        if self._warned_grace or needed <= grace:
+            return
+        self._warned_grace = True
+        self.metrics.info(
+            f"warning: a stop signal's checkpoint would not fit in trainer.stop_grace_s={grace}: "
+            f"a step takes {self._step_s:.1f}s and a save up to "
+            f"{self.checkpoints.slowest_write_s:.1f}s; raise it (the backends' grace periods "
+            "follow it), or expect a stopped job to resume from its last periodic checkpoint"
         )
 
     def _export(self, step: int, final: bool = False) -> None:
@@ -406,9 +504,10 @@ class Sums:
     def stacked(self) -> torch.Tensor:
         return torch.stack(list(self.values.values()))
 
-    def all_reduced(self) -> torch.Tensor:
-        """The sums over every rank (one collective), stacked in key order."""
-        stacked = self.stacked()
+    def all_reduced(self, *extra: torch.Tensor) -> torch.Tensor:
+        """The sums over every rank (one collective), stacked in key order, then the sums of
+        the 1-D tensors ``extra``."""
+        stacked = torch.cat([self.stacked(), *extra]) if extra else self.stacked()
         dist.all_reduce(stacked)
         return stacked
 

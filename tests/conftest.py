@@ -107,3 +107,15 @@ def env() -> Any:
     yield DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     if owned:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-rank run of ``tests.helpers_checkpoint.CKPT_RUN``: 16 steps, a
+    checkpoint every 4 (all kept); shared by the tests that resume runs of it (read only)."""
+    from tests.helpers_checkpoint import render, train
+
+    results = tmp_path_factory.mktemp("ckpt")
+    run_dir = render(results, "reference", "recipes.trainer.devices=2")
+    train(run_dir)
+    return run_dir

@@ -48,16 +48,7 @@ from tests.helpers_checkpoint import (
 STEPS = 16
 
 
-# --- end to end: 2 ranks under torchrun ------------------------------------------------------
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted 2-rank run: 16 steps, a checkpoint every 4 (all kept)."""
-    results = tmp_path_factory.mktemp("ckpt")
-    run_dir = render(results, "reference", "recipes.trainer.devices=2")
-    train(run_dir)
-    return run_dir
-
-
+# --- end to end: 2 ranks under torchrun (``reference``: conftest) ----------------------------
 @pytest.mark.slow
 def test_kill9_then_same_command_resumes_bitwise(reference: Path, tmp_path: Path) -> None:
     expected = losses(metric_rows(reference))

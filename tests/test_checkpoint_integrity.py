@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import threading
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -143,17 +144,21 @@ def test_a_save_whose_files_another_run_replaced_is_not_marked_complete(
 
 
 # --- what the marker records, and durability ------------------------------------------
-def test_marker_lists_the_save_id_and_every_file_with_its_size(
+def test_marker_lists_the_save_id_and_every_file_with_its_size_and_crc32(
     env: DistEnv, tmp_path: Path
 ) -> None:
     r = recipe(tmp_path, async_checkpointing=False)
     managed(r, env).save(1)
     path = tmp_path / "checkpoints" / "step_1"
     marker = read_marker(path)
-    assert marker["format"] == 2
+    assert marker["format"] == 3
     assert marker["save_id"] == read_dcp_metadata(path).storage_meta.save_id
     assert marker["files"] == {
-        name: {"size": (path / name).stat().st_size} for name in (".metadata", SHARD)
+        name: {
+            "size": (path / name).stat().st_size,
+            "crc32": zlib.crc32((path / name).read_bytes()),
+        }
+        for name in (".metadata", SHARD)
     }
 
 
@@ -191,7 +196,20 @@ def test_files_and_directory_are_flushed_before_the_marker(
 # --- resume past a damaged checkpoint ----------------------------------------------------
 def corrupt_shard(path: Path) -> str:
     shard = path / SHARD
+    crc = f"{zlib.crc32(shard.read_bytes()):08x}"
     shard.write_bytes(bytes(shard.stat().st_size))  # same size, every byte zero
+    zeros = f"{zlib.crc32(shard.read_bytes()):08x}"
+    return f"{SHARD} has CRC-32 {zeros}, {MARKER} lists {crc} (its bytes changed)"
+
+
+def corrupt_shard_of_format_2(path: Path) -> str:
+    """A marker without checksums (format 2): DCP itself finds the zeroed shard unreadable."""
+    marker = read_marker(path)
+    for entry in marker["files"].values():
+        del entry["crc32"]
+    (path / MARKER).write_text(json.dumps({**marker, "format": 2}))
+    shard = path / SHARD
+    shard.write_bytes(bytes(shard.stat().st_size))
     return "DCP can't read it (rank 0: UnpicklingError: Unsupported operand 0)"
 
 
@@ -233,6 +251,7 @@ def old_format_missing_shard(path: Path) -> str:
         truncate_shard,
         foreign_metadata,
         corrupt_shard,
+        corrupt_shard_of_format_2,
         old_format_missing_shard,
     ],
 )

@@ -204,12 +204,18 @@ def as_pid1(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]
 
 
 @pytest.mark.slow
-def test_ranks_of_a_torchrun_that_is_pid_1_train(tmp_path: Path) -> None:
-    """A pod's ``exec torchrun`` makes torchrun pid 1: its ranks must not take pid 1 for init
-    adopting them after their agent died (they exited at once, silently, with code 1)."""
+@pytest.mark.parametrize("agent", ["torchrun", "adapter.torchrun"])
+def test_ranks_of_a_torchrun_that_is_pid_1_train(tmp_path: Path, agent: str) -> None:
+    """A pod's ``exec torchrun`` (``exec python3 -m adapter.torchrun``: what the k8s backend
+    renders) makes torchrun pid 1: its ranks must not take pid 1 for init adopting them after
+    their agent died (they exited at once, silently, with code 1)."""
     (tmp_path / "rank.py").write_text(RANK_SCRIPT)
     torchrun = Path(sys.executable).parent / "torchrun"
-    result = as_pid1([str(torchrun), "--standalone", "--nproc_per_node=1", "rank.py"], tmp_path)
+    command = {
+        "torchrun": [str(torchrun)],
+        "adapter.torchrun": [sys.executable, "-m", "adapter.torchrun", "--stop-grace-s=5"],
+    }[agent]
+    result = as_pid1([*command, "--standalone", "--nproc_per_node=1", "rank.py"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == "rank alive\n"
 
@@ -472,7 +478,8 @@ def test_byoc_train_runs_the_recipe_and_writes_the_model(
     adapter = "-m adapter.train /opt/ml/output/data/recipe.yaml"
     launch = {
         1: f"train: /opt/venv/bin/python3 {adapter}",
-        2: "train: torchrun --nnodes=1 --nproc_per_node=2 --node_rank=0 "
+        2: "train: /opt/venv/bin/python3 -m adapter.torchrun --stop-grace-s=120 --nnodes=1 "
+        "--nproc_per_node=2 --node_rank=0 "
         f"--master_addr=127.0.0.1 --master_port={port} {adapter}",
     }
     assert launch[devices] in result.stderr

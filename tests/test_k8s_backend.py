@@ -318,12 +318,13 @@ def test_single_node_cpu_job_has_only_a_master(tmp_path: Path) -> None:
 
 
 def test_train_sh_passes_the_operators_rendezvous_to_torchrun(tmp_path: Path) -> None:
-    """Run train.sh with a stand-in torchrun and the env the operator sets on worker 1."""
+    """Run train.sh with a stand-in Python (the image's: it runs torchrun in-process under
+    adapter.torchrun) and the env the operator sets on worker 1."""
     files = rendered(tmp_path, *GPU_2X8, cluster=GPU_2X8_CLUSTER)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "torchrun").write_text('#!/bin/sh\necho "torchrun $*"\n')
-    (bin_dir / "torchrun").chmod(0o755)
+    (bin_dir / "python3").write_text('#!/bin/sh\necho "python3 $*"\n')
+    (bin_dir / "python3").chmod(0o755)
     script = tmp_path / "train.sh"
     script.write_text(files["train.sh"])
     env = {
@@ -336,8 +337,8 @@ def test_train_sh_passes_the_operators_rendezvous_to_torchrun(tmp_path: Path) ->
     result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (
-        "torchrun --nnodes=2 --nproc_per_node=8 --node_rank=1 "
-        f"--master_addr={JOB_NAME}-master-0 --master_port=23456 "
+        "python3 -m adapter.torchrun --stop-grace-s=120 --nnodes=2 --nproc_per_node=8 "
+        f"--node_rank=1 --master_addr={JOB_NAME}-master-0 --master_port=23456 "
         "-m adapter.train /etc/recipe/recipe.yaml"
     ) in result.stdout
 

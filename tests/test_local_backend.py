@@ -95,7 +95,7 @@ def test_status_of_a_dir_that_is_not_a_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize("devices", [1, 2])
 def test_one_rank_runs_without_torchrun(results: Path, devices: int) -> None:
     """One rank: the adapter straight in this Python (no agent, no rendezvous); more ranks:
-    torchrun --standalone."""
+    torchrun --standalone, in-process under the Python beside it (adapter.torchrun)."""
     run_main(
         f"base_results_dir={results}",
         "dry_run=true",
@@ -111,5 +111,6 @@ def test_one_rank_runs_without_torchrun(results: Path, devices: int) -> None:
         assert last == f"exec {sys.executable} -m adapter.train {recipe}"
     else:
         beside = Path(sys.executable).parent / "torchrun"  # else the one on PATH
-        torchrun = beside if beside.exists() else "torchrun"
-        assert last == f"exec {torchrun} --standalone --nproc_per_node=2 -m adapter.train {recipe}"
+        python = beside.with_name("python3") if beside.exists() else "python3"
+        agent = f"{python} -m adapter.torchrun --stop-grace-s=120"
+        assert last == f"exec {agent} --standalone --nproc_per_node=2 -m adapter.train {recipe}"

@@ -3,6 +3,7 @@ writing durably and removing safely. No training state here (``state``, ``manage
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import pickle
 import re
 import shutil
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,14 @@ ASSETS = "hf_assets"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # A step directory being deleted is first renamed to this prefix + its name + a random tag.
 REMOVING = ".removing-"
-# 2: the marker lists the save's DCP id and its files with their sizes.
-FORMAT_VERSION = 2
+# 2: the marker lists the save's DCP id and its files with their sizes; 3: and CRC-32s.
+FORMAT_VERSION = 3
+CHECKSUM_CHUNK = 8 << 20
+"""Bytes read at a time to checksum a file."""
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+"""A write that failed because the file system (or the user's quota) is full."""
+FULL_BELOW = 16 << 20
+"""A file system with less free space than this (and than a checkpoint) counts as full."""
 # DCP reports failures of any rank as CheckpointException, a BaseException.
 SAVE_ERRORS = (Exception, CheckpointException)
 # What a failed DCP load raises when the files themselves are bad (not the model).
@@ -203,18 +211,54 @@ def read_dcp_metadata(path: Path) -> Metadata:
         raise DamagedCheckpoint(path, [problem]) from None
 
 
-def file_problems(path: Path, marker: dict[str, Any]) -> list[str]:
-    """What is wrong with the files of complete checkpoint ``path`` (none: empty): each file
-    the marker lists at the size it lists, and a ``.metadata`` of the save it completed.
+def file_crc32(path: Path) -> int:
+    """The CRC-32 of a file's bytes (zlib's, which releases the GIL while it sums)."""
+    crc = 0
+    buffer = bytearray(CHECKSUM_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            crc = zlib.crc32(view[:count], crc)
+    return crc
 
-    Format-1 markers list no files: their files are checked against ``.metadata`` alone.
-    Only sizes are checked (a stat per file): bytes changed in place are DCP's to find.
+
+def checksum_problems(path: Path, expected: dict[str, int], share: tuple[int, int]) -> list[str]:
+    """``<file> has CRC-32 X, COMPLETE.json lists Y`` for each of this reader's share of the
+    files (``(index, count)``: every ``count``-th file from ``index``, so that ranks split the
+    reading) whose bytes changed although its size did not."""
+    index, count = share
+    problems = []
+    for name, crc in sorted(expected.items())[index::count]:
+        try:
+            actual = file_crc32(path / name)
+        except OSError as exc:
+            problems.append(f"{name} can't be read ({exc.strerror or exc})")
+            continue
+        if actual != crc:
+            problems.append(
+                f"{name} has CRC-32 {actual:08x}, {MARKER} lists {crc:08x} (its bytes changed)"
+            )
+    return problems
+
+
+def file_problems(path: Path, marker: dict[str, Any], share: tuple[int, int] = (0, 1)) -> list[str]:
+    """What is wrong with the files of complete checkpoint ``path`` (none: empty): each file
+    the marker lists at the size it lists, and a ``.metadata`` of the save it completed;
+    then, if nothing else is wrong, the CRC-32 of each file of this reader's ``share`` (see
+    ``checksum_problems``: the ranks of a resume split the reading).
+
+    Format-1 markers list no files: their files are checked against ``.metadata`` alone;
+    format 2 lists no checksums: bytes changed in place are DCP's to find, if it can.
     """
     listed = marker.get("files")
     problems: list[str] = []
+    checksums: dict[str, int] = {}
     if listed is not None:
         try:
             expected = {str(name): int(entry["size"]) for name, entry in listed.items()}
+            checksums = {
+                str(name): int(entry["crc32"]) for name, entry in listed.items() if "crc32" in entry
+            }
         except (AttributeError, KeyError, TypeError, ValueError):
             return [f"{MARKER} lists its files in an unknown form"]
         problems = size_problems(path, expected, f"{MARKER} lists")
@@ -231,7 +275,65 @@ def file_problems(path: Path, marker: dict[str, Any]) -> list[str]:
         )
     if listed is None:
         problems += size_problems(path, written_files(metadata), f"{DCP_METADATA} lists")
-    return problems
+    return problems or checksum_problems(path, checksums, share)
+
+
+def out_of_space(error: BaseException, root: Path, failed: Path) -> bool:
+    """Whether the save of ``failed`` (under ``root``) failed for want of disk space (or
+    quota): an ENOSPC/EDQUOT in ``error``, or less space left than the newest complete
+    checkpoint takes (``FULL_BELOW`` at least). torch's zip writer, which DCP writes each
+    shard with, turns ENOSPC into "RuntimeError: ... unexpected pos" and loses the errno."""
+    if _no_space_error(error):
+        return True
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return False
+    newest = next((p for p in complete_checkpoints(root, warn=False) if p != failed), None)
+    return free < max(FULL_BELOW, checkpoint_bytes(newest) if newest else 0)
+
+
+def _no_space_error(error: BaseException) -> bool:
+    if isinstance(error, CheckpointException):
+        return any(_no_space_error(exc) for exc, _ in error.failures.values())
+    if isinstance(error, OSError) and error.errno in NO_SPACE:
+        return True
+    cause = error.__cause__ or error.__context__
+    return cause is not None and _no_space_error(cause)
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """The bytes a complete checkpoint's files take, as its marker lists them."""
+    try:
+        files = read_marker(path).get("files") or {}
+        return sum(int(entry["size"]) for entry in files.values())
+    except (CheckpointError, AttributeError, KeyError, TypeError, ValueError):
+        return 0
+
+
+def full_disk(root: Path, failed: Path) -> str:
+    """What to say of a save of ``failed`` that ran out of space under ``root`` (before its
+    incomplete directory is removed)."""
+    try:
+        usage = shutil.disk_usage(root)
+        space = f"{human_bytes(usage.free)} free of {human_bytes(usage.total)}"
+    except OSError as exc:
+        space = f"free space unknown: {exc.strerror or exc}"
+    newest = next((p for p in complete_checkpoints(root, warn=False) if p != failed), None)
+    if newest is not None:
+        space += f"; a checkpoint takes {human_bytes(checkpoint_bytes(newest))}"
+    return (
+        f"The file system of {root} is full ({space}): free space there or point "
+        f"exp_manager.checkpoint_dir elsewhere; the incomplete {failed.name} is removed"
+    )
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
 
 
 def is_damage(error: BaseException) -> bool:

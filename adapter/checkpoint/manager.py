@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import Metadata
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -34,10 +35,13 @@ from adapter.checkpoint.files import (
     describe_failure,
     durable_writer,
     ensure_writable,
+    file_crc32,
     file_problems,
     fsync_path,
     fsync_tree,
+    full_disk,
     is_damage,
+    out_of_space,
     read_dcp_metadata,
     read_marker,
     remove_checkpoint,
@@ -58,7 +62,7 @@ from adapter.checkpoint.state import (
     recipe_changes,
 )
 from adapter.config import Recipe, recipe_hash
-from adapter.distributed import DistEnv
+from adapter.distributed import DistEnv, collective_timeout
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,8 @@ class CheckpointManager:
         self.asynchronous = self.enabled and exp.async_checkpointing
         self._last_step: int | None = None
         self._in_flight: _InFlight | None = None
-        self._group = dist.new_group(backend="gloo") if self.asynchronous else None
+        timeout = collective_timeout(recipe.trainer)
+        self._group = dist.new_group(backend="gloo", timeout=timeout) if self.asynchronous else None
         self._finisher = (
             ThreadPoolExecutor(1, thread_name_prefix="checkpoint-finish")
             if self.asynchronous
@@ -115,6 +120,8 @@ class CheckpointManager:
         self._stager = staging_buffers(env.device) if self.asynchronous else None
         self._state: dict[str, Stateful] | None = None
         self._describe: Callable[[], RunInfo] | None = None
+        self.slowest_write_s = 0.0
+        """The longest a save took from its start to its marker (what a stop's save needs)."""
         ensure_writable([self.root] if self.enabled else [], env)
 
     def register(self, state: dict[str, Stateful], describe: Callable[[], RunInfo]) -> None:
@@ -147,6 +154,20 @@ class CheckpointManager:
         """
         if not self._due(step, final):
             return None
+        return self._save(step, self.asynchronous)
+
+    def save_now(self, step: int) -> SaveReport | None:
+        """Save ``step`` synchronously, due or not (a stop's checkpoint): once the save in
+        flight has ended, which may be this step's own. None when checkpointing is off."""
+        if not self.enabled:
+            return None
+        if step != self._last_step:
+            return self._save(step, asynchronous=False)
+        start = time.monotonic()
+        waited = self.wait()
+        return SaveReport(step_dir(self.root, step), time.monotonic() - start, waited, False)
+
+    def _save(self, step: int, asynchronous: bool) -> SaveReport:
         state, info = self._registered()
         start = time.monotonic()
         waited = self.wait()
@@ -154,23 +175,28 @@ class CheckpointManager:
         self._remove_stale(path)
         snapshot = {**state, RNG_KEY: RngState(self.env.rank)}
         marker = self._marker(step, info)
-        if self.asynchronous:
+        if asynchronous:
             self._in_flight = self._write_async(step, path, snapshot, marker, info)
         else:
             self._write(path, snapshot, marker, info)
         self._last_step = step
-        return SaveReport(path, time.monotonic() - start, waited, self.asynchronous)
+        return SaveReport(path, time.monotonic() - start, waited, asynchronous)
 
     def _write(
         self, path: Path, snapshot: dict[str, Any], marker: dict[str, Any], info: RunInfo
     ) -> None:
+        started = time.monotonic()
         error: BaseException | None = None
         try:
             metadata = dcp.save(snapshot, storage_writer=durable_writer(path))
-            self._complete(path, marker, info, metadata)
+        except SAVE_ERRORS as exc:
+            error, metadata = exc, None
+        try:
+            self._complete(path, marker, info, metadata, error, group=None)
         except SAVE_ERRORS as exc:
             error = exc
         self._raise_if_failed(path, error)
+        self.slowest_write_s = max(self.slowest_write_s, time.monotonic() - started)
 
     def _write_async(
         self,
@@ -209,13 +235,20 @@ class CheckpointManager:
 
     def _raise_if_failed(self, path: Path, error: BaseException | None) -> None:
         """CheckpointError on every rank if the save of ``path`` failed on any rank (rank 0
-        completes a save alone: the others learn of its failure here)."""
-        if self._any_rank(error is not None):
-            detail = f": {error}" if error else " on another rank (see its log)"
-            raise CheckpointError(
-                f"saving checkpoint {path} failed{detail}. The previous complete "
-                f"checkpoint in {self.root} is untouched; fix the cause and re-run to resume"
-            ) from error
+        completes a save alone: the others learn of its failure here). A save that ran out
+        of disk space says how much is left, and its incomplete directory is removed."""
+        if not self._any_rank(error is not None):
+            return
+        detail = f": {one_line(error)}" if error else " on another rank (see its log)"
+        full = error is not None and out_of_space(error, self.root, path)
+        if self._any_rank(full):
+            detail += f". {full_disk(self.root, path)}"
+            if self.env.is_main:
+                remove_checkpoint(path)
+        raise CheckpointError(
+            f"saving checkpoint {path} failed{detail}. The previous complete "
+            f"checkpoint in {self.root} is untouched; fix the cause and re-run to resume"
+        ) from error
 
     def close(self) -> None:
         """Wait for the save in flight; stop the background thread."""
@@ -241,11 +274,17 @@ class CheckpointManager:
     def _finish_async(
         self, future: Future, path: Path, marker: dict[str, Any], info: RunInfo, start: float
     ) -> None:
+        error: BaseException | None = None
         try:
-            self._complete(path, marker, info, future.result())
+            metadata = future.result()
+        except SAVE_ERRORS as exc:
+            error, metadata = exc, None
+        try:
+            self._complete(path, marker, info, metadata, error, self._group)
         except SAVE_ERRORS:
             log.exception("rank %d: background save of %s failed", self.env.rank, path)
             raise
+        self.slowest_write_s = max(self.slowest_write_s, time.monotonic() - start)
         if self.env.is_main:
             log.info(
                 "checkpoint %s complete (%.2fs after the save began)",
@@ -254,25 +293,54 @@ class CheckpointManager:
             )
 
     def _complete(
-        self, path: Path, marker: dict[str, Any], info: RunInfo, metadata: Metadata
+        self,
+        path: Path,
+        marker: dict[str, Any],
+        info: RunInfo,
+        metadata: Metadata | None,
+        error: BaseException | None,
+        group: dist.ProcessGroup | None,
     ) -> None:
-        """Rank 0, once every rank's shards are written: assets; then, if the files on disk
-        are this save's, flush the directory and write the marker; then prune.
+        """Every rank, once DCP's write has ended (``error``: how it failed, the same on every
+        rank): each sums the CRC-32 of the files it wrote, which rank 0 gathers (over
+        ``group``); then rank 0 writes the assets and, if the files on disk are this save's,
+        flushes the directory, writes the marker and prunes.
 
-        DCP's save ends with a gather of every rank's write results on rank 0 (and raises
-        there if any rank failed): ``metadata`` lists every file of this save with its size.
+        DCP's save ends with a gather of every rank's write results on rank 0 (and raises on
+        every rank if any failed): ``metadata`` lists every file of this save with its size.
         Each file and ``.metadata`` were fsynced by DCP as it closed them (``sync_files``).
         """
+        mine: dict[str, int] | str = "its save failed"
+        if error is None and metadata is not None:
+            try:
+                mine = own_checksums(path, metadata, self.env.rank)
+            except OSError as exc:
+                error, mine = exc, f"can't read what it wrote ({exc})"
+        everyone: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, mine, group=group)
+        if error is not None:
+            raise error
+        failed = [(rank, why) for rank, why in enumerate(everyone) if isinstance(why, str)]
+        if failed:
+            rank, why = failed[0]
+            raise CheckpointError(f"checksumming {path} failed on rank {rank}: {why}")
         if not self.env.is_main:
             return
+        assert metadata is not None
         info.write_assets(path / ASSETS)
         fsync_tree(path / ASSETS)
         files = self._verify_written(path, metadata)
+        checksums = {name: crc for crcs in everyone for name, crc in crcs.items()}
+        for name in files.keys() - checksums.keys():  # .metadata, and files of no rank's name
+            checksums[name] = file_crc32(path / name)
         fsync_path(path)  # the entries of the shards and .metadata's rename
         marker = {
             **marker,
             "save_id": save_id(metadata),
-            "files": {name: {"size": size} for name, size in sorted(files.items())},
+            "files": {
+                name: {"size": size, "crc32": checksums[name]}
+                for name, size in sorted(files.items())
+            },
             "time": time.time(),
         }
         write_atomically(path / MARKER, json.dumps(marker, indent=2))
@@ -473,6 +541,20 @@ class CheckpointManager:
         damage = list(dict.fromkeys(o[1] for o in everyone if o is not None))
         if damage:
             raise DamagedCheckpoint(path, [f"DCP can't read it ({'; '.join(damage)})"])
+
+
+def own_checksums(path: Path, metadata: Metadata, rank: int) -> dict[str, int]:
+    """The CRC-32 of each file of this save that ``rank`` wrote (DCP names them
+    ``__<rank>_<n>.distcp``): each rank reads back only its own, still in its page cache."""
+    prefix = f"__{rank}_"
+    return {
+        name: file_crc32(path / name) for name in written_files(metadata) if name.startswith(prefix)
+    }
+
+
+def one_line(error: BaseException) -> str:
+    """A failed save in a line: DCP's own message carries every rank's traceback."""
+    return describe_failure(error) if isinstance(error, CheckpointException) else str(error)
 
 
 def staging_buffers(device: torch.device) -> DefaultStager:

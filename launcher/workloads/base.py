@@ -113,6 +113,11 @@ class Workload(ABC):
         """``gpu``, ``cpu`` or ``auto`` (decided by the instance type, else this machine)."""
 
     @property
+    @abstractmethod
+    def stop_grace_s(self) -> int:
+        """Seconds from a stop signal (SIGTERM) to SIGKILL: every backend's grace period."""
+
+    @property
     def elastic(self) -> ElasticPolicy | None:
         """Its elastic range (HyperPod EKS scales it between ``min_nodes`` and
         ``max_nodes``), or None: it runs on ``num_nodes``."""
@@ -162,6 +167,12 @@ class Workload(ABC):
         """Where the ranks write their results."""
         return []
 
+    @property
+    def resumes(self) -> bool:
+        """Whether a restarted job (a requeue, a new pod, SageMaker's spot restart) continues
+        from its last checkpoint instead of from the start; a custom script: its own affair."""
+        return True
+
     def writes(self, role: str) -> bool:
         """Whether the job writes an output of ``role`` (e.g. ``tensorboard``)."""
         return any(output.role == role and output.written for output in self.outputs())
@@ -194,3 +205,7 @@ class RecipeWorkload(Workload):
     @property
     def accelerator(self) -> str:
         return self.recipe.trainer.accelerator
+
+    @property
+    def stop_grace_s(self) -> int:
+        return self.recipe.trainer.stop_grace_s

@@ -104,6 +104,9 @@ class CustomTrainer:
     """Nodes (instances, pods); every node runs the launcher once."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     """``gpu`` requests GPUs from the cluster; ``auto`` decides by the instance type."""
+    stop_grace_s: int = bounded(120, ge=1, le=65535)
+    """Seconds the processes have from a stop signal (SIGTERM) to SIGKILL, on every backend
+    (as the training recipe's ``trainer.stop_grace_s``): time for your script to save."""
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 from adapter.config import Recipe
@@ -19,6 +19,8 @@ from launcher.workloads.base import InputPath, OutputPath, RecipeWorkload, Workl
 
 ENTRY_MODULE = "adapter.train"
 """What every rank runs: ``python -m adapter.train <recipe.yaml>``."""
+AGENT_MODULE = "adapter.torchrun"
+"""What starts the ranks on a node: torchrun, with exit codes for stopped jobs."""
 DEFAULT_REQUIREMENTS = (
     "transformers>=4.51,<6",
     "safetensors>=0.4",
@@ -114,6 +116,20 @@ def model_paths_exist(job: Job) -> list[Problem]:
     return problems
 
 
+def agent_command(torchrun: str, stop_grace_s: int) -> list[str]:
+    """How a node starts torchrun for the adapter: ``python3 -m adapter.torchrun``, torchrun
+    in that process, exiting ``adapter.stop.STOPPED_EXIT_CODE`` when its ranks stopped with a
+    checkpoint (torchrun alone exits 1) and waiting ``stop_grace_s`` for them to save. The
+    Python is the ``python3`` beside ``torchrun`` (``/venv/bin/torchrun`` →
+    ``/venv/bin/python3``; a bare ``torchrun``: the first ``python3`` on PATH, as in a
+    container image); a launcher of another name is run as it is given."""
+    path = PurePosixPath(torchrun)
+    if path.name != "torchrun":
+        return [torchrun]
+    python = str(path.with_name("python3")) if len(path.parts) > 1 else "python3"
+    return [python, "-m", AGENT_MODULE, f"--stop-grace-s={stop_grace_s}"]
+
+
 @dataclass
 class TrainingWorkload(RecipeWorkload):
     """The adapter's training recipe: the adapter (``adapter.train``) on every rank, under
@@ -171,7 +187,18 @@ class TrainingWorkload(RecipeWorkload):
     def node_command(
         self, rdzv: Rendezvous, recipe_path: str, torchrun: str = "torchrun"
     ) -> list[str]:
-        return [torchrun, *rdzv.torchrun_args, "-m", ENTRY_MODULE, recipe_path]
+        """torchrun under ``adapter.torchrun`` (the exit codes, the grace period), run by the
+        Python beside ``torchrun`` (see ``agent_command``)."""
+        agent = agent_command(torchrun, self.recipe.trainer.stop_grace_s)
+        return [*agent, *rdzv.torchrun_args, "-m", ENTRY_MODULE, recipe_path]
+
+    @property
+    def resumes(self) -> bool:
+        """``exp_manager.auto_resume`` with checkpoints saved at all."""
+        exp = self.recipe.exp_manager
+        params = exp.checkpoint_callback_params
+        saves = params.save_top_k != 0 and (params.every_n_train_steps > 0 or params.save_last)
+        return exp.auto_resume and saves
 
     def single_process_command(self, python: str, recipe_path: str) -> list[str]:
         return [python, "-m", ENTRY_MODULE, recipe_path]

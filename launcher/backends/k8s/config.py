@@ -131,8 +131,9 @@ class RestartPolicies:
     """Restart policy of each replica type, as Kubeflow documents it."""
 
     master: RestartPolicy = "ExitCode"
-    """``ExitCode``: restart only on a retryable exit (signals, codes 128+: preemption, node
-    loss), never on a training bug (exit 1-127); ``OnFailure``; ``Never``; ``Always``."""
+    """``ExitCode``: restart only on a retryable exit (codes 128+: a signal, node loss, or the
+    adapter's 200 after a stop signal saved a checkpoint), never on a training bug (exit
+    1-127); ``OnFailure``; ``Never``; ``Always``."""
     worker: RestartPolicy = "ExitCode"
     """As ``master``, for the worker pods."""
 

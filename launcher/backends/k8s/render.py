@@ -195,8 +195,12 @@ HYPERPOD_TRAIN_SH = """\
 # hyperpodrun (the HyperPod elastic agent, pip install hyperpod-elastic-agent in the image)
 # starts the ranks; the HyperPod training operator assigns the nodes their ranks, restarts
 # them after a fault and, for an elastic job, restarts them on another number of nodes.
-# exec: hyperpodrun is the container's first process and gets its SIGTERM.
+# exec: hyperpodrun is the container's first process and gets its SIGTERM; the ranks save
+# on it within trainer.stop_grace_s (terminationGracePeriodSeconds). hyperpodrun builds on
+# torch's elastic agent, whose wait from SIGTERM to SIGKILL this variable sets (if that
+# agent's own default applies instead, it is 30 s).
 set -euo pipefail
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={grace}
 echo "pod $(hostname): {nodes} node(s) of {devices} rank(s), rendezvous by the operator"
 {cd}exec {command}
 """
@@ -211,6 +215,7 @@ def render_train_sh(job: Job, cluster: K8sCluster) -> str:
         mount=RECIPE_MOUNT,
         nodes=nodes_text(job),
         devices=job.devices,
+        grace=termination_grace_period(job),
         cd=cd_line(job.workdir),
         command=wrapped(node_command(job)),
     )
@@ -370,6 +375,7 @@ def pod_template(job: Job, cluster: K8sCluster, port: dict[str, Any]) -> dict[st
     }
     spec = {
         **{k: v for k, v in optional.items() if v is not None},
+        "terminationGracePeriodSeconds": termination_grace_period(job),
         "containers": [container],
         "volumes": volumes,
     }
@@ -377,6 +383,26 @@ def pod_template(job: Job, cluster: K8sCluster, port: dict[str, Any]) -> dict[st
     if cluster.annotations:
         meta["annotations"] = dict(cluster.annotations)
     return {"metadata": meta, "spec": spec}
+
+
+def termination_grace_period(job: Job) -> int:
+    """Seconds between the kubelet's SIGTERM to a pod (eviction, deletion, preemption) and its
+    SIGKILL: ``trainer.stop_grace_s``, in which the ranks finish their step and save."""
+    return job.workload.stop_grace_s
+
+
+def replica_spec(
+    job: Job, cluster: K8sCluster, port: dict[str, Any], replicas: int, restart_policy: str
+) -> dict[str, Any]:
+    """One PyTorchJob replica type's spec: its count, its restart policy (``ExitCode``, the
+    default, restarts a pod that exited 128 or more: a signal, or
+    ``adapter.stop.STOPPED_EXIT_CODE`` after a stop saved its checkpoint; never a training
+    bug's 1-127) and the pod template."""
+    return {
+        "replicas": replicas,
+        "restartPolicy": restart_policy,
+        "template": pod_template(job, cluster, port),
+    }
 
 
 def run_policy(job: Job, cluster: K8sCluster) -> dict[str, Any]:
@@ -394,19 +420,11 @@ def run_policy(job: Job, cluster: K8sCluster) -> dict[str, Any]:
 
 def render_pytorchjob(job: Job, cluster: K8sCluster) -> dict[str, Any]:
     port = {"name": PORT_NAME, "containerPort": cluster.master_port, "protocol": "TCP"}
-    replicas = {
-        "Master": {
-            "replicas": 1,
-            "restartPolicy": cluster.restart_policy.master,
-            "template": pod_template(job, cluster, port),
-        }
-    }
+    policies = cluster.restart_policy
+    replicas = {"Master": replica_spec(job, cluster, port, 1, policies.master)}
     if job.num_nodes > 1:
-        replicas["Worker"] = {
-            "replicas": job.num_nodes - 1,
-            "restartPolicy": cluster.restart_policy.worker,
-            "template": pod_template(job, cluster, port),
-        }
+        workers = job.num_nodes - 1
+        replicas["Worker"] = replica_spec(job, cluster, port, workers, policies.worker)
     return {
         "apiVersion": PYTORCHJOB.api_version,
         "kind": PYTORCHJOB.kind,

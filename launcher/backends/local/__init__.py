@@ -7,8 +7,11 @@ about a second less from command to first step.
 No process of the job outlives the launcher (``python main.py``), however it ends:
 
 - SIGINT (Ctrl-C), SIGTERM (``kill``, ``timeout``, a job system), SIGHUP (a closed terminal):
-  ``StopSignals`` forwards SIGTERM to the job's session (torchrun stops its ranks; a single
-  rank exits), SIGKILLs it after a grace period, and the launch record says how it ended;
+  ``StopSignals`` forwards SIGTERM to the job's session (torchrun passes it to its ranks; a
+  single rank gets it itself): the ranks finish their step, save a checkpoint and exit
+  ``adapter.stop.STOPPED_EXIT_CODE`` (the record's ``job_exit_code``), and the same command
+  resumes from it. The job is SIGKILLed if it hasn't ended ``trainer.stop_grace_s`` after the
+  signal (a second Ctrl-C: at once), and the launch record says how it ended;
 - SIGKILL of the launcher: the kernel SIGKILLs the job's first process (the parent-death
   signal set between fork and exec, see ``adapter.lifetime``), which ``bash train.sh`` has
   become by ``exec``: torchrun, or the single rank; torchrun's ranks, each in a session of

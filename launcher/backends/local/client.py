@@ -43,7 +43,7 @@ def submit(job: Job, artifacts: Artifacts) -> dict[str, Any]:
     """Run the job under this process until it ends; how it ended, for the launch record."""
     log_path = job.run_dir / LOG_FILE
     env = {**os.environ, **job.settings.env_vars, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "ab") as log, StopSignals() as stop:
+    with open(log_path, "ab") as log, StopSignals(job.workload.stop_grace_s) as stop:
         process = subprocess.Popen(
             ["bash", str(job.run_dir / TRAIN_SCRIPT)],
             stdout=subprocess.PIPE,
@@ -111,7 +111,8 @@ def cancel(record: LaunchRecord) -> dict[str, Any]:
         raise LaunchError(f"run {record.run_name} is not running (state: {state})")
     launcher = record.launcher_pid
     os.kill(launcher, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S + 15
+    grace = float(record.details.get("stop_grace_s", DEFAULT_STOP_GRACE_S))
+    deadline = time.monotonic() + grace + 15
     while lock_holder(run_dir) is not None:
         if time.monotonic() > deadline:
             raise LaunchError(
@@ -125,8 +126,8 @@ def cancel(record: LaunchRecord) -> dict[str, Any]:
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Signals that stop the launcher: Ctrl-C, ``kill``/``timeout``/a job system, a closed terminal."""
-STOP_GRACE_S = 20.0
-"""After forwarding SIGTERM, how long the job has to exit before it is SIGKILLed."""
+DEFAULT_STOP_GRACE_S = 120.0
+"""The grace period of a record that doesn't say (``trainer.stop_grace_s``'s default)."""
 DRAIN_S = 5.0
 """After the job's first process exits, how long to wait for the rest of its output."""
 
@@ -136,13 +137,15 @@ class StopSignals:
 
     The job runs in a session of its own (``start_new_session``): a signal sent to the
     launcher, or to its terminal's process group, does not reach it. So the first stop signal
-    forwards SIGTERM to the job's process group (torchrun then stops its ranks, or the single
-    rank exits) and SIGKILLs it after ``STOP_GRACE_S``; a second one SIGKILLs it at once.
+    forwards SIGTERM to the job's process group (torchrun passes it to its ranks; a single
+    rank gets it itself) and SIGKILLs it ``grace_s`` later (the job's ``stop_grace_s``: the
+    ranks finish their step and save a checkpoint meanwhile); a second one SIGKILLs it at once.
     SIGKILL of the launcher cannot be handled: see ``adapter.lifetime`` for why the job
     dies with it anyway.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
+        self.grace_s = grace_s
         self.received: signal.Signals | None = None
         self._process: subprocess.Popen | None = None
         self._kill_timer: threading.Timer | None = None
@@ -188,7 +191,7 @@ class StopSignals:
             return
         _signal_group(self._process.pid, signal.SIGTERM)
         pid = self._process.pid
-        self._kill_timer = threading.Timer(STOP_GRACE_S, _signal_group, (pid, signal.SIGKILL))
+        self._kill_timer = threading.Timer(self.grace_s, _signal_group, (pid, signal.SIGKILL))
         self._kill_timer.daemon = True
         self._kill_timer.start()
 

@@ -15,7 +15,8 @@ class LocalCluster(ClusterConfig):
     type: str = "local"
     """Always ``local``."""
     torchrun: str | None = None
-    """torchrun executable; null = the one beside the running Python, else ``torchrun``."""
+    """torchrun executable; null = the one beside the running Python, else ``torchrun``.
+    Training runs it in-process under the ``python3`` beside it (``adapter.torchrun``)."""
 
 
 @dataclass(frozen=True, kw_only=True)

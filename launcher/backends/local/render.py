@@ -42,5 +42,5 @@ def artifacts(job: Job) -> Artifacts:
         files={TRAIN_SCRIPT: script},
         recipe=workload.recipe_dict(),
         command=command,
-        record={"log_file": str(job.run_dir / LOG_FILE)},
+        record={"log_file": str(job.run_dir / LOG_FILE), "stop_grace_s": job.workload.stop_grace_s},
     )

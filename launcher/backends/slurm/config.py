@@ -41,7 +41,8 @@ class SlurmCluster(ClusterConfig):
     job_name_prefix: str = ""
     """Prepended to ``run.name`` to form the Slurm job name (``%x`` in the log file name)."""
     sbatch_args: list[str] = field(default_factory=list)
-    """Extra ``#SBATCH`` lines, e.g. ``['--constraint=p5', '--signal=USR1@120']``."""
+    """Extra ``#SBATCH`` lines, e.g. ``['--constraint=p5']``; after the launcher's own, so they
+    override them (``--signal=B:USR1@<trainer.stop_grace_s>`` among them)."""
     srun_args: list[str] = field(default_factory=list)
     """Extra ``srun`` arguments, e.g. ``['--label', '--cpu-bind=none']``."""
     container_mounts: list[str] = field(default_factory=list)
@@ -49,14 +50,16 @@ class SlurmCluster(ClusterConfig):
     dir is always mounted at its own path."""
     recovery: Literal["requeue", "auto_resume", None] = "requeue"
     """What restarts an interrupted job: ``requeue`` (``#SBATCH --requeue``: Slurm requeues it
-    after a node failure or ``scontrol requeue``), ``auto_resume`` (SageMaker HyperPod's
-    ``srun --auto-resume=1``: replaces faulty nodes and restarts the step), null = neither.
-    Either way the adapter's ``exp_manager.auto_resume`` continues from the last checkpoint."""
+    after a node failure or ``scontrol requeue``, and the job requeues itself when the time
+    limit's warning stopped it), ``auto_resume`` (SageMaker HyperPod's ``srun --auto-resume=1``:
+    replaces faulty nodes and restarts the step), null = neither. Either way the adapter's
+    ``exp_manager.auto_resume`` continues from the last checkpoint."""
     rdzv_port: int | None = bounded(None, ge=1024, le=65535)
     """torchrun rendezvous port on the first node; null = 29500 + job id mod 2000."""
     torchrun: str | None = None
     """torchrun executable on the nodes; null = the one beside this Python on bare metal
-    (a shared file system), ``torchrun`` from the image's PATH with a container."""
+    (a shared file system), ``torchrun`` from the image's PATH with a container. Training
+    runs it in-process under the ``python3`` beside it (``adapter.torchrun``)."""
     submission_file_only: bool = False
     """Write the sbatch file (and print how to submit it) without submitting it."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 
 from adapter.layout import LOGS_DIR, RECIPE_FILE, TRAIN_SCRIPT
+from adapter.stop import STOPPED_EXIT_CODE
 from launcher.backends.base import Artifacts
 from launcher.backends.slurm.config import SlurmCluster, cluster_of, resolved_of
 from launcher.job import Job
@@ -42,9 +43,36 @@ export RDZV_ENDPOINT="${{head_addr:-$head_node}}:{rdzv_port}"
 echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}): $SLURM_JOB_NUM_NODES node(s)," \\
   "rendezvous $RDZV_ENDPOINT"
 
+# Stopping, within trainer.stop_grace_s={grace} s. Slurm sends SIGUSR1 to this script (only)
+# {grace} s before the time limit (--signal=B:USR1@{grace}; up to a minute earlier); the trap
+# passes it on to every process of the job step as SIGTERM (scancel --signal=TERM: srun
+# itself would kill the step at once on a SIGTERM). The ranks finish their step, save a
+# checkpoint and exit {stopped}.
+# {after_stop}
+# scancel, scontrol requeue and preemption send SIGTERM to every process of the job
+# themselves (the ranks save the same way), then SIGKILL after the cluster's KillWait
+# (scontrol show config | grep KillWait): this script waits for the ranks meanwhile.
+time_limit_near=0
+trap 'time_limit_near=1; scancel --signal=TERM "$SLURM_JOB_ID" || true' USR1
+trap 'echo "SIGTERM: waiting for the ranks to save"' TERM
+
 srun {srun_args} \\
-  {train_script}
+  {train_script} &
+srun_pid=$!
+while true; do
+  wait "$srun_pid" && code=0 || code=$?
+  kill -0 "$srun_pid" 2>/dev/null || break  # still there: a signal interrupted the wait
+done
+{requeue}exit "$code"
 """
+
+REQUEUE_ON_STOP = """\
+if [ "$code" -eq {stopped} ] && [ "$time_limit_near" -eq 1 ]; then
+  echo "job $SLURM_JOB_ID stopped ahead of its time limit with a checkpoint: requeueing it"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+"""
+"""cluster.recovery=requeue: a job the time limit's warning stopped requeues itself."""
 
 
 TRAIN_SH = """\
@@ -100,7 +128,23 @@ def render_sbatch(job: Job, cluster: SlurmCluster) -> str:
         rdzv_port=rdzv_port(cluster),
         srun_args=" \\\n  ".join(srun_arguments(job, cluster)),
         train_script=shlex.quote(str(job.run_dir / TRAIN_SCRIPT)),
+        grace=job.workload.stop_grace_s,
+        stopped=STOPPED_EXIT_CODE,
+        after_stop=after_stop(cluster),
+        requeue=REQUEUE_ON_STOP.format(stopped=STOPPED_EXIT_CODE) if requeues(cluster) else "",
     )
+
+
+def requeues(cluster: SlurmCluster) -> bool:
+    """Whether a job stopped ahead of its time limit requeues itself."""
+    return cluster.recovery == "requeue"
+
+
+def after_stop(cluster: SlurmCluster) -> str:
+    """What the sbatch script says happens after a stop ahead of the time limit."""
+    if requeues(cluster):
+        return "cluster.recovery=requeue: the job then requeues itself and resumes from there."
+    return f"cluster.recovery={cluster.recovery}: no requeue; submit the job again to resume."
 
 
 def rdzv_port(cluster: SlurmCluster) -> str:
@@ -136,6 +180,7 @@ def sbatch_directives(job: Job, cluster: SlurmCluster) -> list[str]:
         *[f"{flag}={shlex.quote(str(v))}" for flag, v in optional.items() if v is not None],
         *(["--exclusive"] if cluster.exclusive else []),
         *recovery[cluster.recovery],
+        f"--signal=B:USR1@{job.workload.stop_grace_s}",
         *cluster.sbatch_args,
     ]
 

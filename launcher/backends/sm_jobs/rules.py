@@ -34,6 +34,8 @@ ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+")
 S3_URI = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?")
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9.\-_]{1,64}")
 JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
+SAGEMAKER_STOP_GRACE_S = 120
+"""SageMaker's fixed wait between SIGTERM and SIGKILL (spot interruption, StopTrainingJob)."""
 
 
 def _known_types() -> list[str]:
@@ -200,6 +202,39 @@ def _check_runtime(job: Job) -> list[Problem]:
         )
     if cluster.tensorboard_output_path is not None and not job.workload.writes("tensorboard"):
         problems.append(Problem("cluster.tensorboard_output_path", _no_tensorboard(job)))
+    return problems
+
+
+@rule(
+    "cluster.use_spot",
+    "recipes.trainer.stop_grace_s",
+    "recipes.exp_manager.auto_resume",
+    "recipes.exp_manager.checkpoint_callback_params",
+)
+def _check_interruptions(job: Job) -> list[Problem]:
+    """SageMaker gives a stopped job (spot interruption, StopTrainingJob) a fixed 120 s after
+    SIGTERM, and restarts an interrupted spot job with ``/opt/ml/checkpoints`` restored."""
+    problems = []
+    grace = job.workload.stop_grace_s
+    if grace > SAGEMAKER_STOP_GRACE_S:
+        problems.append(
+            warning(
+                "recipes.trainer.stop_grace_s",
+                f"got {grace}; SageMaker SIGKILLs a stopped job {SAGEMAKER_STOP_GRACE_S} s "
+                f"after SIGTERM, so a stop's checkpoint must be saved within "
+                f"{SAGEMAKER_STOP_GRACE_S} s: lower it to {SAGEMAKER_STOP_GRACE_S} or less",
+            )
+        )
+    if cluster_of(job).use_spot and not job.workload.resumes:
+        problems.append(
+            warning(
+                "cluster.use_spot",
+                "an interrupted spot job is restarted by SageMaker, but this one would start "
+                "over: it saves no checkpoints or has recipes.exp_manager.auto_resume=false "
+                "(set recipes.exp_manager.checkpoint_callback_params.every_n_train_steps and "
+                "auto_resume=true to continue from /opt/ml/checkpoints)",
+            )
+        )
     return problems
 
 
@@ -444,6 +479,7 @@ RULES: tuple[LaunchRule, ...] = (
     _check_role,
     _check_s3,
     _check_runtime,
+    _check_interruptions,
     _check_inputs,
     _check_data,
     _check_paths,

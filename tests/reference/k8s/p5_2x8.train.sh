@@ -5,7 +5,9 @@
 # RANK (the pod's node rank: 0 on the master, then the workers) in each pod.
 set -euo pipefail
 echo "pod $(hostname): node rank $RANK of 2, master $MASTER_ADDR:$MASTER_PORT"
-exec torchrun \
+exec python3 \
+  -m adapter.torchrun \
+  --stop-grace-s=120 \
   --nnodes=2 \
   --nproc_per_node=8 \
   --node_rank="$RANK" \

@@ -4,8 +4,12 @@
 # hyperpodrun (the HyperPod elastic agent, pip install hyperpod-elastic-agent in the image)
 # starts the ranks; the HyperPod training operator assigns the nodes their ranks, restarts
 # them after a fault and, for an elastic job, restarts them on another number of nodes.
-# exec: hyperpodrun is the container's first process and gets its SIGTERM.
+# exec: hyperpodrun is the container's first process and gets its SIGTERM; the ranks save
+# on it within trainer.stop_grace_s (terminationGracePeriodSeconds). hyperpodrun builds on
+# torch's elastic agent, whose wait from SIGTERM to SIGKILL this variable sets (if that
+# agent's own default applies instead, it is 30 s).
 set -euo pipefail
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120
 echo "pod $(hostname): 2 (elastic 1-3) node(s) of 8 rank(s), rendezvous by the operator"
 exec hyperpodrun \
   --nnodes=1:3 \

@@ -3,7 +3,9 @@
 # tiny_llama_sft.sbatch, which sets RDZV_ENDPOINT; SLURM_JOB_ID and SLURM_NODEID come from Slurm.
 # The first node (SLURM_NODEID=0) hosts the rendezvous store.
 set -euo pipefail
-exec torchrun \
+exec python3 \
+  -m adapter.torchrun \
+  --stop-grace-s=120 \
   --nnodes=4 \
   --nproc_per_node=8 \
   --rdzv_backend=c10d \

@@ -4,7 +4,9 @@
 # SM_CURRENT_HOST_RANK (this instance's rank), SM_MASTER_ADDR (algo-1) and SM_MASTER_PORT.
 set -euo pipefail
 echo "host ${SM_CURRENT_HOST:-?}: node rank ${SM_CURRENT_HOST_RANK:-0} of 2"
-exec torchrun \
+exec python3 \
+  -m adapter.torchrun \
+  --stop-grace-s=120 \
   --nnodes=2 \
   --nproc_per_node=8 \
   --node_rank="${SM_CURRENT_HOST_RANK:-0}" \
