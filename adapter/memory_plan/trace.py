@@ -29,6 +29,7 @@ Two things a fake step would count wrong are corrected (``fake_corrections``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -151,12 +152,20 @@ def build_on_meta(recipe: Recipe, config: Any, family: ModelFamily) -> nn.Module
 def parallelized_fake(
     model: nn.Module, recipe: Recipe, family: ModelFamily, fake: Any
 ) -> BuiltModel:
-    """``adapter.build.parallelized`` with the parameters made fake: after sharding (as the
-    adapter's receiving ranks do), or before for DDP, which needs them at construction."""
+    """``adapter.build.parallelized`` with the parameters made fake after sharding (as the
+    adapter's receiving ranks do).
+
+    DDP (``replicate``) is traced as one rank's model without it: its reducer can't run on
+    a fake process group, and with ``gradient_as_bucket_view`` its buckets are the
+    gradients, so it holds nothing more than the model (besides gloo's or NCCL's own
+    all-reduce buffers)."""
     if data_parallel(recipe) == "replicate":
+        one_rank = dataclasses.replace(
+            recipe, trainer=dataclasses.replace(recipe.trainer, devices=1, num_nodes=1)
+        )
         with fake:
             model.to_empty(device=DEVICE)
-            return parallelized(model, recipe, family, DEVICE)
+            return parallelized(model, one_rank, family, DEVICE)
     built = parallelized(model, recipe, family, DEVICE)
     with fake:
         built.module.to_empty(device=DEVICE)
@@ -194,8 +203,6 @@ def trace_step(recipe: Recipe, config: Any, family: ModelFamily, backend: str = 
 
 
 def _faked(batch: Any, fake: Any) -> Any:
-    import dataclasses
-
     def convert(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else fake.from_tensor(tensor)
 
@@ -278,7 +285,7 @@ def _tracked_step(
         tracker: Any = FSDPMemTracker(model, optimizer)
         tracker.track_inputs(tuple(inputs))
     else:
-        tracker = MemTracker()
+        tracker = frozen_aware(MemTracker())
         tracker.track_external(model, optimizer, *inputs)
     state: dict[str, int] = {}
 
@@ -295,6 +302,26 @@ def _tracked_step(
     finally:
         hook.remove()
     return phases.peaks, state
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def frozen_aware(tracker: Any) -> Any:
+    """``MemTracker`` registers a gradient hook on every parameter of a module it enters,
+    which a frozen one (PEFT's base weights) refuses: mark those as hooked already."""
+    track = tracker._track_module_params_and_buffers
+
+    def track_params(module: nn.Module, install_grad_hooks: bool = True) -> tuple[int, int]:
+        for param in module.parameters():
+            if not param.requires_grad:
+                tracker._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+        return track(module, install_grad_hooks)
+
+    tracker._track_module_params_and_buffers = track_params
+    return tracker
 
 
 def _restart_peak(tracker: Any) -> None:

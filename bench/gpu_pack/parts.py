@@ -14,8 +14,10 @@ Budgets (estimates for one H200 with 16 cores; a process's start-up is ~8 s of i
   again after the resume); two more under deterministic algorithms if the first pair
   isn't bitwise equal.
 - ``qlora`` 30 s: one adapter process of a small pretrained-format Llama in 4 bits.
+- ``memory_plan`` 29 s: one process planning and measuring a ~170M Llama's step
+  (``bench.gpu_pack.memory_plan_part``).
 
-Sum 450 s (< 8 min) plus the CUDA probe (≤ 30 s). Adding a measurement is one ``Part``
+Sum 479 s (< 8 min) plus the CUDA probe (≤ 30 s). Adding a measurement is one ``Part``
 in ``PARTS`` (a ``prepare`` that renders its runs here, a ``run`` that measures there).
 """
 
@@ -29,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.gpu_pack import memory_plan_part
 from bench.gpu_pack.core import (
     Context,
     Outcome,
@@ -554,12 +557,7 @@ PARTS: list[Part] = [
         0,
         not_available="the adapter has no DPO training yet (nothing to run)",
     ),
-    Part(
-        "memory_plan",
-        "the memory plan's estimate vs torch.cuda.max_memory_allocated of the same step",
-        0,
-        not_available="the adapter has no memory plan (a step's memory estimate) yet",
-    ),
+    memory_plan_part.PART,
 ]
 
 
