@@ -305,6 +305,8 @@ def _tracked_step(
 
 
 class _NoHook:
+    """A hook handle that holds no hook (``frozen_aware``)."""
+
     def remove(self) -> None:
         pass
 
