@@ -60,7 +60,7 @@ class Target:
         """E.g. ``2 × ml.p5.48xlarge (16 × H100 80 GiB)``."""
         where = f"{self.nodes} × {self.instance_type}" if self.instance_type else "this machine"
         gpu = f"{self.gpu_model} " if self.gpu_model else ""
-        memory = f"{self.memory_gib:g} GiB" if self.memory_gib else "memory unknown"
+        memory = f"{self.memory_gib:.3g} GiB" if self.memory_gib else "memory unknown"
         return f"{where} ({self.nodes * self.devices} × {gpu}{memory})"
 
 
@@ -199,7 +199,18 @@ class MemoryPlan:
 
 # --- in words ------------------------------------------------------------------------------
 def gib(value: int) -> str:
+    """``31.2 GiB``; below 1 GiB in MiB (``12.3 MiB``), so that small models show."""
+    if value < GIB:
+        return f"{value / 2**20:.1f} MiB"
     return f"{value / GIB:.1f} GiB"
+
+
+def count(value: int) -> str:
+    """``70.6B``, ``105M``, ``459K``."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return str(value)
 
 
 def duration(seconds: float) -> str:
@@ -220,7 +231,7 @@ def peak_line(plan: MemoryPlan) -> str:
     if plan.share is None:
         return f"{gib(plan.memory.total)} per {unit}: {plan.verdict} (device memory unknown)"
     return (
-        f"{gib(plan.memory.total)} of {target.memory_gib:g} GiB per {unit} "
+        f"{gib(plan.memory.total)} of {target.memory_gib:.3g} GiB per {unit} "
         f"({plan.share:.0%}): {plan.verdict}"
     )
 
@@ -248,7 +259,7 @@ def render(plan: MemoryPlan) -> str:
     lines = [
         f"memory plan of {plan.name}: {plan.model}",
         f"  on {target.describe()}, {plan.parallelism}",
-        f"  {plan.num_params / 1e9:.3g}B parameters, {plan.num_trainable / 1e9:.3g}B trainable",
+        f"  {count(plan.num_params)} parameters, {count(plan.num_trainable)} trainable",
         "",
         "  per rank (rank 0) at the step's peak:",
     ]
