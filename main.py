@@ -13,6 +13,7 @@ from launcher.launch import dump_yaml, launch
 USAGE = """\
 usage: python main.py [recipes=<recipe>] [cluster=<cluster>] [key=value ...]
        python main.py --cfg [overrides]   print the composed config; launch nothing
+       python main.py ... plan=true       GPU memory and step time of the job; submit nothing
 
 Overrides use Hydra's grammar: key=value, +new_key=value, ~key. Add a directory of your
 own recipes/ and cluster/ configs with hydra.searchpath=[file:///path/to/dir].

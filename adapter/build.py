@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from adapter.attention import use_document_attention
-from adapter.config import Recipe
+from adapter.config import ModelConfig, Recipe
 from adapter.distributed import DistEnv, fail_together
 from adapter.families import ModelFamily
 from adapter.models import (
@@ -63,9 +64,7 @@ def build_training_model(
     }
 
     def adapted(model: nn.Module) -> nn.Module:
-        if frozen:
-            return model.requires_grad_(False)
-        return apply_peft(model, model_cfg)
+        return adapt(model, model_cfg, frozen)
 
     # Sharded, rank 0 loads while the others build empty and wait for its weights: a
     # failure to build must reach every rank.
@@ -86,15 +85,9 @@ def build_training_model(
     counted: list[BuiltModel] = []
 
     def shard(model: nn.Module) -> nn.Module:
-        trainable, total = count_parameters(model)
-        packed = (family.packing or "position_ids") == "position_ids" and model_cfg.data.packing
-        # Compiled layers keep HF's masked SDPA: per-document lengths vary by batch.
-        if packed and not model_cfg.compile:
-            use_document_attention(model)
-        layers = decoder_layers(model, family)
-        hidden = getattr(model.config, "hidden_size", 0)
-        counted.append(BuiltModel(model, family, total, trainable, len(layers), hidden))
-        return parallelize(model, layers, recipe, env.device, frozen)
+        built = parallelized(model, recipe, family, env.device, frozen)
+        counted.append(built)
+        return built.module
 
     sharded = env.world_size > 1 and data_parallel(recipe) == "fsdp"
     if sharded and model_cfg.peft.peft_type != "qlora_4bit":
@@ -106,6 +99,34 @@ def build_training_model(
     if frozen:
         model.eval()
     return dataclasses.replace(counted[0], module=model)
+
+
+def adapt(model: nn.Module, model_cfg: ModelConfig, frozen: bool = False) -> nn.Module:
+    """The policy wrapped for ``model.peft`` (PEFT), or a frozen copy: no gradients."""
+    if frozen:
+        return model.requires_grad_(False)
+    return apply_peft(model, model_cfg)
+
+
+def parallelized(
+    model: nn.Module,
+    recipe: Recipe,
+    family: ModelFamily,
+    device: torch.device,
+    frozen: bool = False,
+) -> BuiltModel:
+    """The built (and adapted) model as the run trains it: counted, on per-document
+    attention for packed batches, its decoder layers found and ``parallelize``d."""
+    model_cfg = recipe.model
+    trainable, total = count_parameters(model)
+    packed = (family.packing or "position_ids") == "position_ids" and model_cfg.data.packing
+    # Compiled layers keep HF's masked SDPA: per-document lengths vary by batch.
+    if packed and not model_cfg.compile:
+        use_document_attention(model)
+    layers = decoder_layers(model, family)
+    hidden = getattr(model.config, "hidden_size", 0)
+    module = parallelize(model, layers, recipe, device, frozen)
+    return BuiltModel(module, family, total, trainable, len(layers), hidden)
 
 
 def frozen_builder(recipe: Recipe, env: DistEnv, tokenizer: Any) -> Callable[[], nn.Module]:

@@ -62,7 +62,11 @@ def resolve_family(model: ModelConfig) -> ModelFamily:
         if family.remote_code:
             raise ModelError(f"model.model_type={model.model_type}: {REMOTE_CODE}")
         return family
-    hf_type = pretrained_model_type(model)
+    return family_of_config(pretrained_model_type(model))
+
+
+def family_of_config(hf_type: str) -> ModelFamily:
+    """The family of a pretrained model whose config says ``model_type: <hf_type>``."""
     if hf_type in FAMILIES:
         return FAMILIES[hf_type]
     return ModelFamily(hf_type, (), packing=None)
@@ -149,13 +153,20 @@ def build_model(
 
 def build_pretrained_architecture(model: ModelConfig) -> nn.Module:
     """The pretrained model's architecture without its weights (for ranks that receive them)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     assert model.hf_model_name_or_path is not None
     with loading("model.hf_model_name_or_path", model.hf_model_name_or_path):
         config = AutoConfig.from_pretrained(
             model.hf_model_name_or_path, trust_remote_code=model.trust_remote_code
         )
+    return model_from_config(config, model)
+
+
+def model_from_config(config: Any, model: ModelConfig) -> nn.Module:
+    """The causal LM of a Hugging Face ``config`` in fp32, initialised (not loaded)."""
+    from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_config(
         config, dtype=torch.float32, trust_remote_code=model.trust_remote_code
     )

@@ -1,16 +1,24 @@
-"""Accelerators per instance type, shared by every backend (validation, GPU defaults).
+"""Accelerators per instance type, shared by every backend (validation, GPU defaults) and
+the memory plan.
 
-Only the launcher's view: the GPU count decides ``--gpus-per-node``, ``nvidia.com/gpu`` and
-whether NCCL/EFA defaults apply. Sources: AWS instance type pages (2026).
+The GPU count decides ``--gpus-per-node``, ``nvidia.com/gpu`` and whether NCCL/EFA defaults
+apply; the GPU model and its memory are what the memory plan (``plan=true``) compares a
+step against, and the model's dense bf16 peak (``adapter.metrics.PEAK_FLOPS``, the one
+table the adapter's MFU uses too) what it times a step with. Sources: AWS instance type
+pages (2026).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adapter.metrics import peak_flops
+
 
 @dataclass(frozen=True)
 class InstanceSpec:
+    """One instance type's accelerators."""
+
     gpus: int
     """Accelerators per instance (GPUs, or Neuron devices for trn/inf)."""
     gpu_memory_gib: int = 0
@@ -19,34 +27,42 @@ class InstanceSpec:
     """EFA interfaces (0 = none)."""
     accelerator: str = "cuda"
     """cuda, neuron or cpu."""
+    gpu_model: str | None = None
+    """The accelerator's model as ``torch.cuda.get_device_name`` contains it (A100, H100...)."""
+
+    @property
+    def bf16_peak_flops(self) -> float | None:
+        """Dense bf16 peak FLOP/s of one accelerator (``adapter.metrics.PEAK_FLOPS``); None
+        where that table has no figure (V100s have no bf16, Neuron devices aren't in it)."""
+        return peak_flops(self.gpu_model) if self.accelerator == "cuda" else None
 
 
 _GPU_FAMILIES: dict[str, InstanceSpec] = {
-    "g5.xlarge": InstanceSpec(1, 24),
-    "g5.2xlarge": InstanceSpec(1, 24),
-    "g5.4xlarge": InstanceSpec(1, 24),
-    "g5.8xlarge": InstanceSpec(1, 24),
-    "g5.16xlarge": InstanceSpec(1, 24),
-    "g5.12xlarge": InstanceSpec(4, 24),
-    "g5.24xlarge": InstanceSpec(4, 24),
-    "g5.48xlarge": InstanceSpec(8, 24, efa=1),
-    "g6.xlarge": InstanceSpec(1, 24),
-    "g6.12xlarge": InstanceSpec(4, 24),
-    "g6.48xlarge": InstanceSpec(8, 24),
-    "g6e.xlarge": InstanceSpec(1, 48),
-    "g6e.12xlarge": InstanceSpec(4, 48),
-    "g6e.48xlarge": InstanceSpec(8, 48),
-    "p3.16xlarge": InstanceSpec(8, 16),
-    "p3dn.24xlarge": InstanceSpec(8, 32, efa=1),
-    "p4d.24xlarge": InstanceSpec(8, 40, efa=4),
-    "p4de.24xlarge": InstanceSpec(8, 80, efa=4),
-    "p5.48xlarge": InstanceSpec(8, 80, efa=32),
-    "p5e.48xlarge": InstanceSpec(8, 141, efa=32),
-    "p5en.48xlarge": InstanceSpec(8, 141, efa=16),
-    "p6-b200.48xlarge": InstanceSpec(8, 179, efa=8),
-    "trn1.2xlarge": InstanceSpec(1, 32, accelerator="neuron"),
-    "trn1.32xlarge": InstanceSpec(16, 32, efa=8, accelerator="neuron"),
-    "trn1n.32xlarge": InstanceSpec(16, 32, efa=16, accelerator="neuron"),
+    "g5.xlarge": InstanceSpec(1, 24, gpu_model="A10G"),
+    "g5.2xlarge": InstanceSpec(1, 24, gpu_model="A10G"),
+    "g5.4xlarge": InstanceSpec(1, 24, gpu_model="A10G"),
+    "g5.8xlarge": InstanceSpec(1, 24, gpu_model="A10G"),
+    "g5.16xlarge": InstanceSpec(1, 24, gpu_model="A10G"),
+    "g5.12xlarge": InstanceSpec(4, 24, gpu_model="A10G"),
+    "g5.24xlarge": InstanceSpec(4, 24, gpu_model="A10G"),
+    "g5.48xlarge": InstanceSpec(8, 24, efa=1, gpu_model="A10G"),
+    "g6.xlarge": InstanceSpec(1, 24, gpu_model="L4"),
+    "g6.12xlarge": InstanceSpec(4, 24, gpu_model="L4"),
+    "g6.48xlarge": InstanceSpec(8, 24, gpu_model="L4"),
+    "g6e.xlarge": InstanceSpec(1, 48, gpu_model="L40S"),
+    "g6e.12xlarge": InstanceSpec(4, 48, gpu_model="L40S"),
+    "g6e.48xlarge": InstanceSpec(8, 48, gpu_model="L40S"),
+    "p3.16xlarge": InstanceSpec(8, 16, gpu_model="V100"),
+    "p3dn.24xlarge": InstanceSpec(8, 32, efa=1, gpu_model="V100"),
+    "p4d.24xlarge": InstanceSpec(8, 40, efa=4, gpu_model="A100"),
+    "p4de.24xlarge": InstanceSpec(8, 80, efa=4, gpu_model="A100"),
+    "p5.48xlarge": InstanceSpec(8, 80, efa=32, gpu_model="H100"),
+    "p5e.48xlarge": InstanceSpec(8, 141, efa=32, gpu_model="H200"),
+    "p5en.48xlarge": InstanceSpec(8, 141, efa=16, gpu_model="H200"),
+    "p6-b200.48xlarge": InstanceSpec(8, 179, efa=8, gpu_model="B200"),
+    "trn1.2xlarge": InstanceSpec(1, 32, accelerator="neuron", gpu_model="Trainium"),
+    "trn1.32xlarge": InstanceSpec(16, 32, efa=8, accelerator="neuron", gpu_model="Trainium"),
+    "trn1n.32xlarge": InstanceSpec(16, 32, efa=16, accelerator="neuron", gpu_model="Trainium"),
 }
 _CPU_FAMILIES = ("m5", "m6i", "m7i", "c5", "c6i", "c7i", "r5", "t3")
 _CPU_SIZES = (

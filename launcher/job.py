@@ -23,6 +23,9 @@ class Settings:
     """Root of all run directories; a launch writes ``<base_results_dir>/<run.name>/``."""
     dry_run: bool = False
     """Validate, render and write the artifacts, but submit nothing."""
+    plan: bool = False
+    """Plan the launch's memory and step time (``launcher.memory_plan``), print it, exit
+    nonzero when it doesn't fit; write and submit nothing else."""
     container: str | None = None
     """Container image for the job (Slurm pyxis/enroot, Kubernetes, SageMaker)."""
     env_vars: dict[str, str] = field(default_factory=dict)

@@ -15,6 +15,7 @@ from launcher.backends import available, get_backend
 from launcher.backends.base import Artifacts, Backend
 from launcher.errors import LaunchError
 from launcher.job import Job
+from launcher.memory_plan import run_plan, saved_plan_line
 from launcher.paths import reason
 from launcher.planning import create_run_dir, plan
 from launcher.record import (
@@ -36,10 +37,15 @@ def launch(cfg: dict[str, Any]) -> int:
         for warning in job.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         artifacts = backend.render(job)
+        if job.settings.plan:
+            return run_plan(job)
+        planned = saved_plan_line(job)
         create_run_dir(job)  # before the lock file goes into it: a ConfigError if the OS refuses
         with claim_run_dir(job):
             write_artifacts(job, artifacts)
             write_record(job.run_dir, initial_record(job, artifacts))
+            if planned:
+                print(planned)
             if job.settings.dry_run:
                 print_dry_run(job, artifacts)
                 return 0

@@ -116,9 +116,10 @@ GPU_ONLY = {
     "perf_compile_ac",
     "pinned_copies",
     "qlora",
+    "memory_plan",
 }
 CPU_CHECKS = {"bf16_vs_fp32", "packed_losses", "checkpoint_resume"}
-NOT_AVAILABLE = {"dpo_step", "memory_plan"}
+NOT_AVAILABLE = {"dpo_step"}
 REHEARSAL_TIME_SCALE = 4
 """The time boxes are sized for an H200; 4× lets the tiny CPU runs through on a loaded
 2-core machine and still bounds a hang (3 CPU parts, 95 s × 4)."""

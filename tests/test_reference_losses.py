@@ -2,7 +2,9 @@
 objective interface (issue 15): fp32, 1 rank and 2 ranks (FSDP2 and DDP), padded and packed.
 
 The references in ``tests/reference/losses/<case>.json`` were made by this file's worker on
-the code before the refactor (commit 84cc939); each file names the command that made it. To
+the code before the refactor (commit 84cc939), the FSDP2 ones again when FSDP2 began to
+reduce-scatter every accumulation micro-batch (the gradients' sums are the same, rounded
+in another order); each file names the command that made it. To
 record them anew (an intended change of the arithmetic), run
 
     RECIPES_UPDATE_REFERENCE=1 PYTHONPATH=$PWD python -m pytest tests/test_reference_losses.py
@@ -31,7 +33,10 @@ LAUNCH_TIMEOUT_S = 400
 RECORD_COMMAND = (
     "RECIPES_UPDATE_REFERENCE=1 PYTHONPATH=$PWD python -m pytest tests/test_reference_losses.py"
 )
-RECORDED_AT = "84cc939 (before the training objective interface)"
+RECORDED_AT = (
+    "84cc939 (before the training objective interface); the FSDP2 cases again once FSDP2 "
+    "reduce-scatters every accumulation micro-batch (adapter.parallel.set_gradient_sync)"
+)
 
 
 def case(family: str = "llama", devices: int = 2, **model: Any) -> dict[str, Any]:

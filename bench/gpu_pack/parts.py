@@ -2,8 +2,8 @@
 
 Budgets (estimates for one H200 with 16 cores; a process's start-up is ~8 s of imports):
 
-- ``matmul_peak`` 20 s: one process, 55 bf16 8192³ matmuls (~0.1 s of GPU work).
-- ``perf_*`` 50/50/100/90 s: one adapter process each: random init of the 1.1B Llama on
+- ``matmul_peak`` 15 s: one process, 55 bf16 8192³ matmuls (~0.1 s of GPU work).
+- ``perf_*`` 50/50/90/80 s: one adapter process each: random init of the 1.1B Llama on
   the CPU (~10 s) then to the GPU, 4 warm-up steps, 10 timed steps of 8 × 2048 tokens
   (~0.3 s each at 45 % MFU). ``model.compile`` adds the Inductor compilation of a decoder
   layer's forward and backward (~40-70 s cold; the second compiled config finds part of
@@ -14,6 +14,8 @@ Budgets (estimates for one H200 with 16 cores; a process's start-up is ~8 s of i
   again after the resume); two more under deterministic algorithms if the first pair
   isn't bitwise equal.
 - ``qlora`` 30 s: one adapter process of a small pretrained-format Llama in 4 bits.
+- ``memory_plan`` 25 s: one process planning and measuring a ~170M Llama's step
+  (``bench.gpu_pack.memory_plan_part``).
 
 Sum 450 s (< 8 min) plus the CUDA probe (≤ 30 s). Adding a measurement is one ``Part``
 in ``PARTS`` (a ``prepare`` that renders its runs here, a ``run`` that measures there).
@@ -29,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.gpu_pack import memory_plan_part
 from bench.gpu_pack.core import (
     Context,
     Outcome,
@@ -505,14 +508,14 @@ PARTS: list[Part] = [
     Part(
         "matmul_peak",
         "dense bf16 matmul 8192³ (the device's achievable peak)",
-        20,
+        15,
         run=matmul_peak,
         needs_cuda="a GPU matmul peak needs a GPU",
     ),
     perf_part(compile_=False, checkpointing=False, budget_s=50),
     perf_part(compile_=False, checkpointing=True, budget_s=50),
-    perf_part(compile_=True, checkpointing=False, budget_s=100),
-    perf_part(compile_=True, checkpointing=True, budget_s=90),
+    perf_part(compile_=True, checkpointing=False, budget_s=90),
+    perf_part(compile_=True, checkpointing=True, budget_s=80),
     Part(
         "bf16_vs_fp32",
         f"bf16 losses within {BF16_TOLERANCE:.0%} of fp32, {BF16_STEPS} steps (13M Llama, packed)",
@@ -554,12 +557,7 @@ PARTS: list[Part] = [
         0,
         not_available="the adapter has no DPO training yet (nothing to run)",
     ),
-    Part(
-        "memory_plan",
-        "the memory plan's estimate vs torch.cuda.max_memory_allocated of the same step",
-        0,
-        not_available="the adapter has no memory plan (a step's memory estimate) yet",
-    ),
+    memory_plan_part.PART,
 ]
 
 
