@@ -58,6 +58,15 @@ FAMILIES: dict[str, ModelFamily] = {
     "mistral": ModelFamily("mistral", ("MistralDecoderLayer",), DENSE),
     "mixtral": ModelFamily("mixtral", ("MixtralDecoderLayer",)),
     "qwen2": ModelFamily("qwen2", ("Qwen2DecoderLayer",), DENSE),
+    # Qwen3: QK-norm (RMSNorm of each head's query and key); head_dim 128 by default.
+    "qwen3": ModelFamily("qwen3", ("Qwen3DecoderLayer",), DENSE, explicit_head_dim=True),
+    # Qwen3-MoE: every layer sparse; the experts' width is moe_intermediate_size.
+    "qwen3_moe": ModelFamily(
+        "qwen3_moe",
+        ("Qwen3MoeDecoderLayer",),
+        {"num_local_experts": "num_experts", "intermediate_size": "moe_intermediate_size"},
+        explicit_head_dim=True,
+    ),
     "glm": ModelFamily("glm", ("GlmDecoderLayer",), DENSE, explicit_head_dim=True),
     "mpt": ModelFamily(
         "mpt",

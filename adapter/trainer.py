@@ -181,6 +181,10 @@ class Trainer:
             with autocast(self.recipe, device):
                 output = self.objective.loss(self.model, batch)
             scaled = output.loss * scale
+            if output.forward_mean is not None:
+                # FSDP/DDP average the gradients over ranks: / micro-batches makes the mean
+                # over every forward of the global batch.
+                scaled = scaled + output.forward_mean / len(micro)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             sums.add(output)
         grad_norm = self._optimizer_step()
@@ -232,7 +236,8 @@ class Trainer:
         SageMaker metric definitions are made from those); else an error naming both."""
         name = self.recipe.model.objective
         declared = getattr(OBJECTIVES[name], kind)
-        if tuple(values) != declared:
+        # A name may be left out (RouterAuxLoss: mixture-of-experts models only), not reordered.
+        if list(values) != [key for key in declared if key in values]:
             raise RuntimeError(
                 f"objective {name!r} reported {list(values)}, but its entry in "
                 f"adapter.objectives.OBJECTIVES declares {kind}={list(declared)}"

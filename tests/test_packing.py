@@ -19,7 +19,7 @@ from adapter.objectives.sft import forward
 from tests.adapter_helpers import FAMILY_ARCH, char_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
-NATIVE = ["llama", "mistral", "mixtral", "qwen2", "glm", "gpt2", "mpt"]
+NATIVE = ["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "glm", "gpt2", "mpt"]
 
 
 def sample(ids: list[int], prompt: int) -> Sample:
