@@ -67,6 +67,10 @@ FAMILIES: dict[str, ModelFamily] = {
         {"num_local_experts": "num_experts", "intermediate_size": "moe_intermediate_size"},
         explicit_head_dim=True,
     ),
+    # Gemma 3's text decoder (the 1B model; the larger ones wrap it with a vision tower,
+    # model_type gemma3): local sliding-window and global layers (config.layer_types), no
+    # logit soft-capping (Gemma 2's), head_dim 256 by default.
+    "gemma3": ModelFamily("gemma3_text", ("Gemma3DecoderLayer",), DENSE, explicit_head_dim=True),
     "glm": ModelFamily("glm", ("GlmDecoderLayer",), DENSE, explicit_head_dim=True),
     "mpt": ModelFamily(
         "mpt",

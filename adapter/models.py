@@ -65,7 +65,9 @@ def resolve_family(model: ModelConfig) -> ModelFamily:
     hf_type = pretrained_model_type(model)
     if hf_type in FAMILIES:
         return FAMILIES[hf_type]
-    return ModelFamily(hf_type, (), packing=None)
+    # A family named otherwise than its HF type (gemma3: gemma3_text).
+    known = [family for family in FAMILIES.values() if family.hf_model_type == hf_type]
+    return known[0] if known else ModelFamily(hf_type, (), packing=None)
 
 
 def pretrained_model_type(model: ModelConfig) -> str:

@@ -73,6 +73,14 @@ FAMILY_ARCH: dict[str, dict[str, Any]] = {
     "qwen2": DENSE,
     "qwen3": DENSE,
     "qwen3_moe": {**DENSE, "num_local_experts": 4, "num_experts_per_tok": 2},
+    # One sliding-window layer of 4 tokens (shorter than the documents) and one global layer.
+    "gemma3": {
+        **DENSE,
+        "config_overrides": {
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 4,
+        },
+    },
     "glm": DENSE,
     "gpt2": NO_GQA,
     "mpt": NO_GQA,

@@ -226,8 +226,9 @@ def python(*args: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
-NEW_FAMILIES = ["qwen3", "qwen3_moe"]
-"""Issue 20's families (QK-norm; MoE experts as 3-D tensors), exported from FSDP2 shards."""
+NEW_FAMILIES = ["qwen3", "qwen3_moe", "gemma3"]
+"""Issue 20's families (QK-norm; MoE experts as 3-D tensors; sliding-window and global
+layers, tied scaled embeddings), exported from FSDP2 shards."""
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -251,5 +252,5 @@ def test_new_family_export_round_trip_gives_identical_logits(
     trained = logits(model.eval())
     out = export_model(model, tokenizer, recipe(tmp_path), env, tmp_path / "hf_model")
     reloaded = AutoModelForCausalLM.from_pretrained(out)
-    assert reloaded.config.model_type == family
+    assert reloaded.config.model_type == FAMILIES[family].hf_model_type
     assert torch.equal(logits(reloaded), trained)

@@ -27,8 +27,19 @@ from adapter.objectives.sft import forward_with_router_aux
 from adapter.peft import apply_peft
 from tests.adapter_helpers import FAMILY_ARCH, matrix, register_cases, run_case, tiny_recipe
 
-NATIVE = ["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "glm", "gpt2", "mpt"]
-NEW = ["qwen3", "qwen3_moe"]
+NATIVE = [
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "gemma3",
+    "glm",
+    "gpt2",
+    "mpt",
+]
+NEW = ["qwen3", "qwen3_moe", "gemma3"]
 """Families of issue 20, proven against one rank and with LoRA besides."""
 MOE = ["mixtral", "qwen3_moe"]
 CASES = {f"family-{name}": tiny_recipe("", name) for name in NATIVE}
@@ -118,7 +129,8 @@ def test_lora_dropout_on_expert_weights_names_the_keys() -> None:
 
 
 def test_unknown_model_type_lists_the_known_ones() -> None:
-    with pytest.raises(ModelError, match="unknown 'falcon'; known families: chatglm, glm, gpt2"):
+    known = "unknown 'falcon'; known families: chatglm, gemma3, glm, gpt2"
+    with pytest.raises(ModelError, match=known):
         resolve_family(ModelConfig(model_type="falcon", num_hidden_layers=1))
 
 
@@ -247,3 +259,62 @@ def test_router_aux_loss_is_hfs_output_router_logits_loss(name: str) -> None:
 def test_dense_models_have_no_router_aux_loss() -> None:
     model = build_model(ModelConfig(model_type="qwen3", **FAMILY_ARCH["qwen3"]), 64, SPECIAL)
     assert router_aux_coefficient(model) is None
+
+
+def tiny_gemma3_multimodal(path: Path) -> Path:
+    """A random-init checkpoint shaped like google/gemma-3-12b-pt (model_type gemma3: the
+    text decoder of FAMILY_ARCH["gemma3"] behind a one-layer vision tower), with a tokenizer."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from tests.adapter_helpers import char_tokenizer
+
+    text = {
+        **{k: v for k, v in FAMILY_ARCH["gemma3"].items() if k != "config_overrides"},
+        **FAMILY_ARCH["gemma3"]["config_overrides"],
+        "head_dim": 8,
+        "vocab_size": 128,
+        **SPECIAL,
+    }
+    vision = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 28,
+        "patch_size": 14,
+    }
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=125,
+        eoi_token_index=126,
+        image_token_index=127,
+    )
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_gemma3_multimodal_checkpoint_trains_its_text_decoder_packed(
+    env: object, tmp_path: Path
+) -> None:
+    """gemma3_12b_sft's code path: a gemma3 (multimodal) checkpoint resolves to the gemma3
+    family, packs through document_sdpa and trains the text decoder; the vision tower, which
+    text-only data doesn't reach, keeps its weights."""
+    checkpoint = tiny_gemma3_multimodal(tmp_path / "gemma3")
+    recipe = tiny_recipe(tmp_path / "run", "gemma3", data={"packing": True})
+    model = recipe["model"]
+    for key in [*FAMILY_ARCH["gemma3"], "vocab_size"]:
+        model.pop(key)
+    model["hf_model_name_or_path"] = str(checkpoint)
+    recipe["trainer"].update(devices=1, max_steps=4)
+    result = run_case(recipe)
+    assert result["layers"] == 2 and result["document_attention"]
+    assert result["losses"][-1] < result["losses"][0] - 0.5, result["losses"]
+    from transformers import AutoModelForCausalLM
+
+    vision = [n for n, _ in AutoModelForCausalLM.from_pretrained(checkpoint).named_parameters()]
+    frozen_by_data = sum("vision_tower" in n or "multi_modal_projector" in n for n in vision)
+    assert result["trainable_changed"] == result["trainable"] - frozen_by_data > 0

@@ -19,7 +19,18 @@ from adapter.objectives.sft import forward
 from tests.adapter_helpers import FAMILY_ARCH, char_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
-NATIVE = ["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "glm", "gpt2", "mpt"]
+NATIVE = [
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "gemma3",
+    "glm",
+    "gpt2",
+    "mpt",
+]
 
 
 def sample(ids: list[int], prompt: int) -> Sample:
@@ -206,6 +217,7 @@ def packed_gradients(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Te
     [
         ("llama", {"num_key_value_heads": 2}),  # grouped-query attention
         ("mistral", {"config_overrides": {"sliding_window": 4}}),  # longer documents
+        ("gemma3", {}),  # a sliding (4) and a global layer; query_pre_attn_scalar scaling
     ],
 )
 def test_document_attention_gradients_equal_the_masked_path(family: str, arch: dict) -> None:
