@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from adapter.elastic import ElasticPolicy, batch_problems, world_size_problems
-from adapter.families import FAMILIES, GENERIC_ARCH_KEYS, REMOTE_CODE, unknown_family
+from adapter.families import (
+    FAMILIES,
+    GENERIC_ARCH_KEYS,
+    REMOTE_CODE,
+    packing_unsupported,
+    unknown_family,
+)
 from adapter.objectives import OBJECTIVES, unknown_objective
 from adapter.schema import ConfigError, Problem, bounded, load, nested, rule, to_dict
 
@@ -444,6 +450,15 @@ class ModelConfig:
             )
             return [Problem("model_type", message)]
         return []
+
+    @rule("data.packing", "model_type")
+    def _family_can_pack(self) -> list[Problem]:
+        """Checked by the recipe's model_type at launch (a checkpoint of another type is
+        checked again by its own config when the model is built)."""
+        family = FAMILIES.get(self.model_type)
+        if not self.data.packing or family is None or family.packing or family.remote_code:
+            return []
+        return [Problem("data.packing", packing_unsupported(family))]
 
     @rule("model_type", "hf_model_name_or_path", *GENERIC_ARCH_KEYS)
     def _architecture_keys_apply(self) -> list[Problem]:

@@ -46,6 +46,8 @@ class ModelFamily:
     packing: PackedAttention | None = "position_ids"
     """How attention is confined to packed samples: restarted position ids (HF's mask
     builder and flash-attention varlen detect them), a 4-D block mask, or not supported."""
+    packing_refused: str = ""
+    """Why packing isn't supported (where ``packing`` is None), for the error message."""
     explicit_head_dim: bool = False
     """The config's ``head_dim`` doesn't follow hidden_size / heads by default (GLM: 128)."""
 
@@ -71,6 +73,19 @@ FAMILIES: dict[str, ModelFamily] = {
     # model_type gemma3): local sliding-window and global layers (config.layer_types), no
     # logit soft-capping (Gemma 2's), head_dim 256 by default.
     "gemma3": ModelFamily("gemma3_text", ("Gemma3DecoderLayer",), DENSE, explicit_head_dim=True),
+    # GPT-OSS: MoE with attention sinks (a learned logit per head in the softmax) and
+    # alternating sliding-window / full layers.
+    "gpt_oss": ModelFamily(
+        "gpt_oss",
+        ("GptOssDecoderLayer",),
+        explicit_head_dim=True,
+        packing=None,
+        packing_refused=(
+            "its attention sinks aren't applied by per-document attention (document_sdpa), "
+            "and HF's GPT-OSS builds its causal and sliding-window masks without the "
+            "position ids, so a packed row's documents would attend to each other"
+        ),
+    ),
     "glm": ModelFamily("glm", ("GlmDecoderLayer",), DENSE, explicit_head_dim=True),
     "mpt": ModelFamily(
         "mpt",
@@ -118,3 +133,13 @@ REMOTE_CODE = (
     "(e.g. THUDM/chatglm-6b) and model.trust_remote_code=true"
 )
 """Why a ``remote_code`` family can't be built from random init, and what to do instead."""
+
+
+def packing_unsupported(family: ModelFamily) -> str:
+    """Why ``model.data.packing=true`` can't train ``family``, and what to do."""
+    supported = ", ".join(sorted(name for name, f in FAMILIES.items() if f.packing))
+    why = f": {family.packing_refused}" if family.packing_refused else ""
+    return (
+        f"packing=true isn't supported for model type {family.hf_model_type!r}{why} (packing "
+        f"works with: {supported}); set model.data.packing=false"
+    )

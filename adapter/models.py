@@ -21,6 +21,7 @@ from adapter.families import (
     GENERIC_ARCH_KEYS,
     REMOTE_CODE,
     ModelFamily,
+    packing_unsupported,
     unknown_family,
 )
 
@@ -91,11 +92,7 @@ def pretrained_model_type(model: ModelConfig) -> str:
 
 def check_packing(family: ModelFamily, packing: bool) -> None:
     if packing and family.packing is None:
-        supported = ", ".join(sorted(n for n, f in FAMILIES.items() if f.packing))
-        raise ModelError(
-            f"model.data.packing=true isn't supported for model type {family.hf_model_type!r} "
-            f"(packing works with: {supported}); set packing to false"
-        )
+        raise ModelError(f"model.data.{packing_unsupported(family)}")
 
 
 def architecture(model: ModelConfig, vocab_size: int) -> dict[str, Any]:

@@ -81,6 +81,15 @@ FAMILY_ARCH: dict[str, dict[str, Any]] = {
             "sliding_window": 4,
         },
     },
+    "gpt_oss": {
+        **DENSE,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "config_overrides": {
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 4,
+        },
+    },
     "glm": DENSE,
     "gpt2": NO_GQA,
     "mpt": NO_GQA,

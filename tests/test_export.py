@@ -226,9 +226,9 @@ def python(*args: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
-NEW_FAMILIES = ["qwen3", "qwen3_moe", "gemma3"]
+NEW_FAMILIES = ["qwen3", "qwen3_moe", "gemma3", "gpt_oss"]
 """Issue 20's families (QK-norm; MoE experts as 3-D tensors; sliding-window and global
-layers, tied scaled embeddings), exported from FSDP2 shards."""
+layers, tied scaled embeddings; attention sinks), exported from FSDP2 shards."""
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)

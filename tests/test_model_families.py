@@ -35,13 +35,14 @@ NATIVE = [
     "qwen3",
     "qwen3_moe",
     "gemma3",
+    "gpt_oss",
     "glm",
     "gpt2",
     "mpt",
 ]
-NEW = ["qwen3", "qwen3_moe", "gemma3"]
+NEW = ["qwen3", "qwen3_moe", "gemma3", "gpt_oss"]
 """Families of issue 20, proven against one rank and with LoRA besides."""
-MOE = ["mixtral", "qwen3_moe"]
+MOE = ["mixtral", "qwen3_moe", "gpt_oss"]
 CASES = {f"family-{name}": tiny_recipe("", name) for name in NATIVE}
 # Packing under FSDP2 with both ways of confining attention (position ids, 4-D block mask).
 CASES["family-llama-packed"] = tiny_recipe("", "llama", data={"packing": True})
@@ -318,3 +319,20 @@ def test_gemma3_multimodal_checkpoint_trains_its_text_decoder_packed(
     vision = [n for n, _ in AutoModelForCausalLM.from_pretrained(checkpoint).named_parameters()]
     frozen_by_data = sum("vision_tower" in n or "multi_modal_projector" in n for n in vision)
     assert result["trainable_changed"] == result["trainable"] - frozen_by_data > 0
+
+
+def test_packing_gpt_oss_is_a_validation_error_naming_why() -> None:
+    from adapter.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError) as error:
+        load_recipe(tiny_recipe("", "gpt_oss", data={"packing": True}))
+    (problem,) = error.value.problems
+    assert problem.key == "model.data.packing"
+    assert str(problem).startswith(
+        "model.data.packing: packing=true isn't supported for model type 'gpt_oss': its "
+        "attention sinks aren't applied by per-document attention (document_sdpa), and HF's "
+        "GPT-OSS builds its causal and sliding-window masks without the position ids"
+    )
+    assert str(problem).endswith("qwen3, qwen3_moe); set model.data.packing=false")
+    with pytest.raises(ModelError, match=r"model\.data\.packing=true isn't supported .*'gpt_oss'"):
+        check_packing(FAMILIES["gpt_oss"], packing=True)

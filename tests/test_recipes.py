@@ -46,7 +46,7 @@ CLUSTERS = sorted(p.stem for p in (COLLECTION / "cluster").glob("*.yaml"))
 SHRINKS = sorted(p.stem for p in (COLLECTION / "shrink").glob("[!_]*.yaml"))
 SCRIPTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "launcher_scripts").glob("*/*.sh"))
 
-MOE_FAMILIES = ("mixtral", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss")
 STAND_IN = {"chatglm": "glm"}
 """Families whose model code lives in the checkpoint's repository shrink to a native one."""
 ARCH_KEYS = (
