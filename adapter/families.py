@@ -46,8 +46,9 @@ class ModelFamily:
     packing: PackedAttention | None = "position_ids"
     """How attention is confined to packed samples: restarted position ids (HF's mask
     builder and flash-attention varlen detect them), a 4-D block mask, or not supported."""
-    packing_refused: str = ""
-    """Why packing isn't supported (where ``packing`` is None), for the error message."""
+    hf_packed_masks: bool = True
+    """HF's attention masks confine packed documents by their position ids (its path for
+    compiled layers); False: packing needs per-document attention, i.e. model.compile=false."""
     explicit_head_dim: bool = False
     """The config's ``head_dim`` doesn't follow hidden_size / heads by default (GLM: 128)."""
 
@@ -74,17 +75,11 @@ FAMILIES: dict[str, ModelFamily] = {
     # logit soft-capping (Gemma 2's), head_dim 256 by default.
     "gemma3": ModelFamily("gemma3_text", ("Gemma3DecoderLayer",), DENSE, explicit_head_dim=True),
     # GPT-OSS: MoE with attention sinks (a learned logit per head in the softmax) and
-    # alternating sliding-window / full layers.
+    # alternating sliding-window / full layers. Packed rows attend per document through
+    # adapter.attention (which applies the sinks); HF's own GPT-OSS masks ignore the
+    # position ids, so its path (compiled layers) can't pack.
     "gpt_oss": ModelFamily(
-        "gpt_oss",
-        ("GptOssDecoderLayer",),
-        explicit_head_dim=True,
-        packing=None,
-        packing_refused=(
-            "its attention sinks aren't applied by per-document attention (document_sdpa), "
-            "and HF's GPT-OSS builds its causal and sliding-window masks without the "
-            "position ids, so a packed row's documents would attend to each other"
-        ),
+        "gpt_oss", ("GptOssDecoderLayer",), explicit_head_dim=True, hf_packed_masks=False
     ),
     "glm": ModelFamily("glm", ("GlmDecoderLayer",), DENSE, explicit_head_dim=True),
     "mpt": ModelFamily(
@@ -138,8 +133,16 @@ REMOTE_CODE = (
 def packing_unsupported(family: ModelFamily) -> str:
     """Why ``model.data.packing=true`` can't train ``family``, and what to do."""
     supported = ", ".join(sorted(name for name, f in FAMILIES.items() if f.packing))
-    why = f": {family.packing_refused}" if family.packing_refused else ""
     return (
-        f"packing=true isn't supported for model type {family.hf_model_type!r}{why} (packing "
+        f"packing=true isn't supported for model type {family.hf_model_type!r} (packing "
         f"works with: {supported}); set model.data.packing=false"
     )
+
+
+PACKED_COMPILE = (
+    "packing=true with model.compile=true runs HF's masked attention, whose {model_type} "
+    "masks ignore the restarted position ids (a packed row's documents would attend to each "
+    "other); set model.compile=false (packed rows then attend per document) or "
+    "model.data.packing=false"
+)
+"""Why a family with ``hf_packed_masks=False`` can't pack compiled layers."""

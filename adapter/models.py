@@ -19,6 +19,7 @@ from adapter.config import ModelConfig
 from adapter.families import (
     FAMILIES,
     GENERIC_ARCH_KEYS,
+    PACKED_COMPILE,
     REMOTE_CODE,
     ModelFamily,
     packing_unsupported,
@@ -90,9 +91,12 @@ def pretrained_model_type(model: ModelConfig) -> str:
     return config.model_type
 
 
-def check_packing(family: ModelFamily, packing: bool) -> None:
+def check_packing(family: ModelFamily, packing: bool, compiled: bool = False) -> None:
     if packing and family.packing is None:
         raise ModelError(f"model.data.{packing_unsupported(family)}")
+    if packing and compiled and not family.hf_packed_masks:
+        message = PACKED_COMPILE.format(model_type=family.hf_model_type)
+        raise ModelError(f"model.data.{message}")
 
 
 def architecture(model: ModelConfig, vocab_size: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-from adapter.attention import NAME as DOCUMENT_ATTENTION
+from adapter.attention import NAMES as DOCUMENT_ATTENTION
 from adapter.build import build_training_model, frozen_builder
 from adapter.checkpoint import CheckpointManager, ModelOptimizerState, RunInfo, describe_run
 from adapter.config import Recipe, TrainerConfig, parse_duration
@@ -263,7 +263,7 @@ class Trainer:
     def document_attention(self) -> bool:
         """Packed documents attend within themselves through ``document_sdpa``."""
         config = getattr(self.model, "config", None)
-        return getattr(config, "_attn_implementation", None) == DOCUMENT_ATTENTION
+        return getattr(config, "_attn_implementation", None) in DOCUMENT_ATTENTION
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clip to ``model.grad_clip``; the total norm stays a (0-dim) device tensor."""

@@ -47,6 +47,9 @@ CASES = {f"family-{name}": tiny_recipe("", name) for name in NATIVE}
 # Packing under FSDP2 with both ways of confining attention (position ids, 4-D block mask).
 CASES["family-llama-packed"] = tiny_recipe("", "llama", data={"packing": True})
 CASES["family-mpt-packed"] = tiny_recipe("", "mpt", data={"packing": True})
+# GPT-OSS packed: per-document attention with its sinks (document_eager).
+CASES["family-gpt_oss-packed"] = tiny_recipe("", "gpt_oss", data={"packing": True})
+DOCUMENT_ATTENTION = ("family-llama-packed", "family-gpt_oss-packed")
 # The router's aux loss with a coefficient large enough that a wrong normalisation (e.g.
 # summed instead of averaged over the micro-batches) changes the losses at 1e-3: global
 # batch 8 of micro-batches of 4 is 2 micro-batches on 1 rank, 1 per rank on 2.
@@ -78,8 +81,8 @@ def test_family_trains_under_two_rank_fsdp2(case: str) -> None:
     assert result["layers"] == 2  # the decoder layers were found and sharded
     assert result["trainable_changed"] == result["trainable"]
     # Packed by position ids: each document attends within itself (document_sdpa).
-    assert result["document_attention"] == (case == "family-llama-packed")
-    moe = any(case.endswith(f"-{name}") for name in MOE)
+    assert result["document_attention"] == (case in DOCUMENT_ATTENTION)
+    moe = FAMILY_CASES[case]["model"]["model_type"] in MOE
     assert all(x is not None for x in result["router_aux"]) == moe, result["router_aux"]
 
 
@@ -321,18 +324,20 @@ def test_gemma3_multimodal_checkpoint_trains_its_text_decoder_packed(
     assert result["trainable_changed"] == result["trainable"] - frozen_by_data > 0
 
 
-def test_packing_gpt_oss_is_a_validation_error_naming_why() -> None:
+def test_packing_gpt_oss_with_compiled_layers_is_a_validation_error() -> None:
+    """Compiled layers keep HF's masked attention, whose GPT-OSS masks ignore the position ids."""
     from adapter.config import ConfigError, load_recipe
 
     with pytest.raises(ConfigError) as error:
-        load_recipe(tiny_recipe("", "gpt_oss", data={"packing": True}))
+        load_recipe(tiny_recipe("", "gpt_oss", compile=True, data={"packing": True}))
     (problem,) = error.value.problems
     assert problem.key == "model.data.packing"
-    assert str(problem).startswith(
-        "model.data.packing: packing=true isn't supported for model type 'gpt_oss': its "
-        "attention sinks aren't applied by per-document attention (document_sdpa), and HF's "
-        "GPT-OSS builds its causal and sliding-window masks without the position ids"
+    assert str(problem) == (
+        "model.data.packing: packing=true with model.compile=true runs HF's masked attention, "
+        "whose gpt_oss masks ignore the restarted position ids (a packed row's documents would "
+        "attend to each other); set model.compile=false (packed rows then attend per document) "
+        "or model.data.packing=false"
     )
-    assert str(problem).endswith("qwen3, qwen3_moe); set model.data.packing=false")
-    with pytest.raises(ModelError, match=r"model\.data\.packing=true isn't supported .*'gpt_oss'"):
-        check_packing(FAMILIES["gpt_oss"], packing=True)
+    load_recipe(tiny_recipe("", "gpt_oss", data={"packing": True}))  # not compiled: fine
+    with pytest.raises(ModelError, match=r"^model\.data\.packing=true with model\.compile=true"):
+        check_packing(FAMILIES["gpt_oss"], packing=True, compiled=True)
