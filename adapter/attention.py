@@ -10,6 +10,10 @@ It is registered with Hugging Face's attention interface and takes the documents
 as ``cu_seq_lens_q`` (cumulative lengths over the flattened batch, the keyword HF's
 flash-attention varlen path uses); the collator computes them on the host. Batches without
 them (unpacked data, evaluation of plain samples) go to HF's own SDPA attention.
+
+Attention sinks (GPT-OSS: a learned logit per head in every query's softmax) can't go
+through SDPA: ``sink_attention`` computes them from the scores, per document when packed and
+over HF's mask when not. GPT-OSS has no SDPA path in HF, so it runs as ``document_eager``.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def document_attention(
     sinks = kwargs.pop(SINKS, None)
     dropout = dropout if module.training else 0.0
     if cu_seq_lens_q is None and sinks is not None:
-        allowed = row_mask(attention_mask, query.shape[2], key.shape[2], sliding_window)
+        allowed = row_mask(attention_mask, query, key.shape[2], sliding_window)
         out = sink_attention(query, key, value, allowed, sinks, dropout, scaling)
         return out.transpose(1, 2), None
     if cu_seq_lens_q is None:
@@ -143,13 +147,15 @@ def causal_window(
 
 
 def row_mask(
-    attention_mask: torch.Tensor | None, queries: int, keys: int, sliding_window: int | None
+    attention_mask: torch.Tensor | None,
+    query: torch.Tensor,
+    keys: int,
+    sliding_window: int | None,
 ) -> torch.Tensor:
     """The boolean mask HF's SDPA mask function built (True: attend), or causal (and the
     sliding window) where it left it out because is_causal would do."""
     if attention_mask is None:
-        device = torch.device("cpu")
-        return causal_window(queries, keys, sliding_window, device)
+        return causal_window(query.shape[2], keys, sliding_window, query.device)
     if attention_mask.dtype == torch.bool:
         return attention_mask[..., :keys]
     return attention_mask[..., :keys] == 0  # additive float mask: 0 where attended
@@ -171,7 +177,7 @@ def sink_attention(
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
-    scores = scores.masked_fill(~allowed.to(scores.device), torch.finfo(scores.dtype).min)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     sink = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1).to(scores.dtype)
     logits = torch.cat([scores, sink], dim=-1)
     logits = logits - logits.max(dim=-1, keepdim=True).values
