@@ -10,6 +10,10 @@ It is registered with Hugging Face's attention interface and takes the documents
 as ``cu_seq_lens_q`` (cumulative lengths over the flattened batch, the keyword HF's
 flash-attention varlen path uses); the collator computes them on the host. Batches without
 them (unpacked data, evaluation of plain samples) go to HF's own SDPA attention.
+
+Attention sinks (GPT-OSS: a learned logit per head in every query's softmax) can't go
+through SDPA: ``sink_attention`` computes them from the scores, per document when packed and
+over HF's mask when not. GPT-OSS has no SDPA path in HF, so it runs as ``document_eager``.
 """
 
 from __future__ import annotations
@@ -22,9 +26,17 @@ from torch.nn import functional
 
 NAME = "document_sdpa"
 """The attention implementation's name in Hugging Face's registry."""
-UNSUPPORTED = ("softcap", "s_aux", "position_bias")
-"""Attention keywords of other HF families (logit soft-capping, sinks, relative position
-bias) that per-document SDPA doesn't implement: refused rather than ignored."""
+EAGER_NAME = "document_eager"
+"""The same function under the name a model without an SDPA path is switched to (GPT-OSS:
+HF refuses a name with "sdpa" in it for such a model)."""
+NAMES = (NAME, EAGER_NAME)
+UNSUPPORTED = ("softcap", "position_bias")
+"""Attention keywords of other HF families (logit soft-capping, relative position bias) that
+per-document attention doesn't implement: refused rather than ignored."""
+SINKS = "s_aux"
+"""GPT-OSS's attention sinks: one learned logit per head that joins every query's softmax
+and takes its share of the probability but has no value. SDPA can't take it, so attention
+with sinks is computed from the scores (per document when packed)."""
 
 
 def document_attention(
@@ -41,6 +53,12 @@ def document_attention(
 ) -> tuple[torch.Tensor, None]:
     """HF attention function: ``query`` (B, H, L, D), ``key``/``value`` (B, H_kv, L, D) →
     (B, L, H, D). Packed batches (``cu_seq_lens_q`` given) attend within each document."""
+    sinks = kwargs.pop(SINKS, None)
+    dropout = dropout if module.training else 0.0
+    if cu_seq_lens_q is None and sinks is not None:
+        allowed = row_mask(attention_mask, query, key.shape[2], sliding_window)
+        out = sink_attention(query, key, value, allowed, sinks, dropout, scaling)
+        return out.transpose(1, 2), None
     if cu_seq_lens_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -60,7 +78,6 @@ def document_attention(
         raise ValueError(f"document_sdpa can't apply {', '.join(unsupported)}")
     batch, _, length, _ = query.shape
     parts = row_parts(cu_seq_lens_q.tolist(), batch, length)
-    dropout = dropout if module.training else 0.0
     rows = []
     # unbind/split/cat/stack: views forward, one gradient copy each backward (indexing
     # every document would allocate a batch-sized gradient per document).
@@ -68,7 +85,7 @@ def document_attention(
     for row, lengths in enumerate(parts):
         documents = [rows_of[row].split(lengths, 1) for rows_of in by_row]
         outputs = [
-            one_document(q, k, v, dropout, scaling, sliding_window)
+            one_document(q, k, v, dropout, scaling, sliding_window, sinks)
             for q, k, v in zip(*documents, strict=True)
         ]
         rows.append(torch.cat(outputs, dim=1))
@@ -97,10 +114,14 @@ def one_document(
     dropout: float,
     scaling: float | None,
     sliding_window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of one document: (H, n, D) each (H_kv for key, value) → (H, n, D)."""
     q, k, v = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
     n = q.shape[2]
+    if sinks is not None:
+        allowed = causal_window(n, n, sliding_window, q.device)
+        return sink_attention(q, k, v, allowed, sinks, dropout, scaling)[0]
     options = {"dropout_p": dropout, "scale": scaling, "enable_gqa": q.shape[1] != k.shape[1]}
     if sliding_window is not None and n > sliding_window:
         positions = torch.arange(n, device=q.device)
@@ -112,6 +133,59 @@ def one_document(
     return out[0]
 
 
+def causal_window(
+    queries: int, keys: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor:
+    """(queries, keys) True where a query may attend: causal, within the sliding window (the
+    queries are the last ``queries`` positions of the keys)."""
+    distance = torch.arange(queries, device=device)[:, None] + (keys - queries)
+    distance = distance - torch.arange(keys, device=device)[None, :]
+    allowed = distance >= 0
+    if sliding_window is not None:
+        allowed &= distance < sliding_window
+    return allowed
+
+
+def row_mask(
+    attention_mask: torch.Tensor | None,
+    query: torch.Tensor,
+    keys: int,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """The boolean mask HF's SDPA mask function built (True: attend), or causal (and the
+    sliding window) where it left it out because is_causal would do."""
+    if attention_mask is None:
+        return causal_window(query.shape[2], keys, sliding_window, query.device)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask[..., :keys]
+    return attention_mask[..., :keys] == 0  # additive float mask: 0 where attended
+
+
+def sink_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor,
+    sinks: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention whose softmax has one more logit per head (the sink) that is dropped
+    afterwards: (B, H, L, D) query, (B, H_kv, S, D) key/value, ``allowed`` broadcasting to
+    (B, H, L, S) → (B, H, L, D)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    sink = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1).to(scores.dtype)
+    logits = torch.cat([scores, sink], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = functional.softmax(logits, dim=-1)[..., :-1]
+    probs = functional.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs.to(value.dtype), value)
+
+
 def register() -> None:
     """Make ``document_sdpa`` an attention implementation HF models can be set to.
 
@@ -121,16 +195,19 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(NAME, document_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    for name in NAMES:
+        AttentionInterface.register(name, document_attention)
+        AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def use_document_attention(model: nn.Module) -> bool:
-    """Switch a model that runs HF's SDPA attention to ``document_sdpa``; False if it
-    runs another implementation (eager, flash-attention: left as they are)."""
+    """Switch a model that runs HF's SDPA attention to ``document_sdpa``, or its eager one
+    (GPT-OSS, which has no SDPA path: its sinks are applied here); False if it runs another
+    implementation (flash-attention: left as it is)."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    current = getattr(config, "_attn_implementation", None)
+    if current not in ("sdpa", "eager"):
         return False
     register()
-    model.set_attn_implementation(NAME)
+    model.set_attn_implementation(NAME if current == "sdpa" else EAGER_NAME)
     return True

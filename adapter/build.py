@@ -55,7 +55,7 @@ def build_training_model(
     A collective: a failure to build on any rank stops every rank."""
     model_cfg = recipe.model
     family = resolve_family(model_cfg)
-    check_packing(family, model_cfg.data.packing)
+    check_packing(family, model_cfg.data.packing, model_cfg.compile)
     check_peft(model_cfg, env.device)
     special = {
         "pad_token_id": tokenizer.pad_token_id,

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from adapter.elastic import ElasticPolicy, batch_problems, world_size_problems
-from adapter.families import FAMILIES, GENERIC_ARCH_KEYS, REMOTE_CODE, unknown_family
+from adapter.families import (
+    FAMILIES,
+    GENERIC_ARCH_KEYS,
+    PACKED_COMPILE,
+    REMOTE_CODE,
+    packing_unsupported,
+    unknown_family,
+)
 from adapter.objectives import OBJECTIVES, unknown_objective
 from adapter.schema import ConfigError, Problem, bounded, load, nested, rule, to_dict
 
@@ -459,6 +466,20 @@ class ModelConfig:
                 f"got {self.model_type!r}, which can't be built from random init: {REMOTE_CODE}"
             )
             return [Problem("model_type", message)]
+        return []
+
+    @rule("data.packing", "model_type", "compile")
+    def _family_can_pack(self) -> list[Problem]:
+        """Checked by the recipe's model_type at launch (a checkpoint of another type is
+        checked again by its own config when the model is built)."""
+        family = FAMILIES.get(self.model_type)
+        if not self.data.packing or family is None or family.remote_code:
+            return []
+        if family.packing is None:
+            return [Problem("data.packing", packing_unsupported(family))]
+        if self.compile and not family.hf_packed_masks:
+            message = PACKED_COMPILE.format(model_type=self.model_type)
+            return [Problem("data.packing", message)]
         return []
 
     @rule("model_type", "hf_model_name_or_path", *GENERIC_ARCH_KEYS)

@@ -46,6 +46,9 @@ class ModelFamily:
     packing: PackedAttention | None = "position_ids"
     """How attention is confined to packed samples: restarted position ids (HF's mask
     builder and flash-attention varlen detect them), a 4-D block mask, or not supported."""
+    hf_packed_masks: bool = True
+    """HF's attention masks confine packed documents by their position ids (its path for
+    compiled layers); False: packing needs per-document attention, i.e. model.compile=false."""
     explicit_head_dim: bool = False
     """The config's ``head_dim`` doesn't follow hidden_size / heads by default (GLM: 128)."""
 
@@ -58,6 +61,26 @@ FAMILIES: dict[str, ModelFamily] = {
     "mistral": ModelFamily("mistral", ("MistralDecoderLayer",), DENSE),
     "mixtral": ModelFamily("mixtral", ("MixtralDecoderLayer",)),
     "qwen2": ModelFamily("qwen2", ("Qwen2DecoderLayer",), DENSE),
+    # Qwen3: QK-norm (RMSNorm of each head's query and key); head_dim 128 by default.
+    "qwen3": ModelFamily("qwen3", ("Qwen3DecoderLayer",), DENSE, explicit_head_dim=True),
+    # Qwen3-MoE: every layer sparse; the experts' width is moe_intermediate_size.
+    "qwen3_moe": ModelFamily(
+        "qwen3_moe",
+        ("Qwen3MoeDecoderLayer",),
+        {"num_local_experts": "num_experts", "intermediate_size": "moe_intermediate_size"},
+        explicit_head_dim=True,
+    ),
+    # Gemma 3's text decoder (the 1B model; the larger ones wrap it with a vision tower,
+    # model_type gemma3): local sliding-window and global layers (config.layer_types), no
+    # logit soft-capping (Gemma 2's), head_dim 256 by default.
+    "gemma3": ModelFamily("gemma3_text", ("Gemma3DecoderLayer",), DENSE, explicit_head_dim=True),
+    # GPT-OSS: MoE with attention sinks (a learned logit per head in the softmax) and
+    # alternating sliding-window / full layers. Packed rows attend per document through
+    # adapter.attention (which applies the sinks); HF's own GPT-OSS masks ignore the
+    # position ids, so its path (compiled layers) can't pack.
+    "gpt_oss": ModelFamily(
+        "gpt_oss", ("GptOssDecoderLayer",), explicit_head_dim=True, hf_packed_masks=False
+    ),
     "glm": ModelFamily("glm", ("GlmDecoderLayer",), DENSE, explicit_head_dim=True),
     "mpt": ModelFamily(
         "mpt",
@@ -105,3 +128,21 @@ REMOTE_CODE = (
     "(e.g. THUDM/chatglm-6b) and model.trust_remote_code=true"
 )
 """Why a ``remote_code`` family can't be built from random init, and what to do instead."""
+
+
+def packing_unsupported(family: ModelFamily) -> str:
+    """Why ``model.data.packing=true`` can't train ``family``, and what to do."""
+    supported = ", ".join(sorted(name for name, f in FAMILIES.items() if f.packing))
+    return (
+        f"packing=true isn't supported for model type {family.hf_model_type!r} (packing "
+        f"works with: {supported}); set model.data.packing=false"
+    )
+
+
+PACKED_COMPILE = (
+    "packing=true with model.compile=true runs HF's masked attention, whose {model_type} "
+    "masks ignore the restarted position ids (a packed row's documents would attend to each "
+    "other); set model.compile=false (packed rows then attend per document) or "
+    "model.data.packing=false"
+)
+"""Why a family with ``hf_packed_masks=False`` can't pack compiled layers."""

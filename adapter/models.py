@@ -19,8 +19,10 @@ from adapter.config import ModelConfig
 from adapter.families import (
     FAMILIES,
     GENERIC_ARCH_KEYS,
+    PACKED_COMPILE,
     REMOTE_CODE,
     ModelFamily,
+    packing_unsupported,
     unknown_family,
 )
 
@@ -69,7 +71,9 @@ def family_of_config(hf_type: str) -> ModelFamily:
     """The family of a pretrained model whose config says ``model_type: <hf_type>``."""
     if hf_type in FAMILIES:
         return FAMILIES[hf_type]
-    return ModelFamily(hf_type, (), packing=None)
+    # A family named otherwise than its HF type (gemma3: gemma3_text).
+    known = [family for family in FAMILIES.values() if family.hf_model_type == hf_type]
+    return known[0] if known else ModelFamily(hf_type, (), packing=None)
 
 
 def pretrained_model_type(model: ModelConfig) -> str:
@@ -91,13 +95,12 @@ def pretrained_model_type(model: ModelConfig) -> str:
     return config.model_type
 
 
-def check_packing(family: ModelFamily, packing: bool) -> None:
+def check_packing(family: ModelFamily, packing: bool, compiled: bool = False) -> None:
     if packing and family.packing is None:
-        supported = ", ".join(sorted(n for n, f in FAMILIES.items() if f.packing))
-        raise ModelError(
-            f"model.data.packing=true isn't supported for model type {family.hf_model_type!r} "
-            f"(packing works with: {supported}); set packing to false"
-        )
+        raise ModelError(f"model.data.{packing_unsupported(family)}")
+    if packing and compiled and not family.hf_packed_masks:
+        message = PACKED_COMPILE.format(model_type=family.hf_model_type)
+        raise ModelError(f"model.data.{message}")
 
 
 def architecture(model: ModelConfig, vocab_size: int) -> dict[str, Any]:

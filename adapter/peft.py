@@ -105,6 +105,12 @@ def apply_peft(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     try:
         return hf_peft.get_peft_model(model, config)
     except ValueError as exc:
+        if "ParamWrapper does not work with lora_dropout" in str(exc):
+            raise ModelError(
+                f"model.peft.dropout={cfg.peft.dropout}: LoRA on this model's expert weights "
+                "(3-D parameters, which peft adapts without dropout) needs model.peft.dropout=0; "
+                "or leave the experts out: model.peft.target_modules=[q_proj,k_proj,v_proj,o_proj]"
+            ) from None
         if "not found in the base model" not in str(exc) and "Target modules" not in str(exc):
             raise
         raise ModelError(

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-from adapter.attention import NAME as DOCUMENT_ATTENTION
+from adapter.attention import NAMES as DOCUMENT_ATTENTION
 from adapter.build import build_training_model, frozen_builder
 from adapter.checkpoint import (
     CheckpointManager,
@@ -213,6 +213,10 @@ class Trainer:
             with autocast(self.recipe, device):
                 output = self.objective.loss(self.model, batch)
             scaled = output.loss * scale
+            if output.forward_mean is not None:
+                # FSDP/DDP average the gradients over ranks: / micro-batches makes the mean
+                # over every forward of the global batch.
+                scaled = scaled + output.forward_mean / len(micro)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             sums.add(output)
         grad_norm = self._unscale_and_clip()
@@ -270,7 +274,8 @@ class Trainer:
         SageMaker metric definitions are made from those); else an error naming both."""
         name = self.recipe.model.objective
         declared = getattr(OBJECTIVES[name], kind)
-        if tuple(values) != declared:
+        # A name may be left out (RouterAuxLoss: mixture-of-experts models only), not reordered.
+        if list(values) != [key for key in declared if key in values]:
             raise RuntimeError(
                 f"objective {name!r} reported {list(values)}, but its entry in "
                 f"adapter.objectives.OBJECTIVES declares {kind}={list(declared)}"
@@ -338,7 +343,7 @@ class Trainer:
     def document_attention(self) -> bool:
         """Packed documents attend within themselves through ``document_sdpa``."""
         config = getattr(self.model, "config", None)
-        return getattr(config, "_attn_implementation", None) == DOCUMENT_ATTENTION
+        return getattr(config, "_attn_implementation", None) in DOCUMENT_ATTENTION
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clip to ``model.grad_clip``; the total norm stays a (0-dim) device tensor."""

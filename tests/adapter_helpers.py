@@ -71,6 +71,25 @@ FAMILY_ARCH: dict[str, dict[str, Any]] = {
     "mistral": DENSE,
     "mixtral": {**DENSE, "num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen2": DENSE,
+    "qwen3": DENSE,
+    "qwen3_moe": {**DENSE, "num_local_experts": 4, "num_experts_per_tok": 2},
+    # One sliding-window layer of 4 tokens (shorter than the documents) and one global layer.
+    "gemma3": {
+        **DENSE,
+        "config_overrides": {
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 4,
+        },
+    },
+    "gpt_oss": {
+        **DENSE,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "config_overrides": {
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 4,
+        },
+    },
     "glm": DENSE,
     "gpt2": NO_GQA,
     "mpt": NO_GQA,
@@ -168,7 +187,8 @@ def _full(tensor: Any) -> Any:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def _run_case(recipe_data: dict[str, Any]) -> dict[str, Any]:
+def run_case(recipe_data: dict[str, Any]) -> dict[str, Any]:
+    """Train ``recipe_data`` for its max_steps on this rank (every rank of the group)."""
     import torch
 
     from adapter.config import load_recipe
@@ -178,12 +198,14 @@ def _run_case(recipe_data: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(recipe)
     named = list(trainer.model.named_parameters())
     before = {n: _full(p.detach()).clone() for n, p in named}
-    losses = [trainer.train_step()[0] for _ in range(recipe.trainer.max_steps)]
+    steps = [trainer.train_step() for _ in range(recipe.trainer.max_steps)]
+    losses = [step.loss for step in steps]
     after = {n: _full(p.detach()) for n, p in named}
     frozen = [n for n, p in named if not p.requires_grad]
     trainable = [n for n, p in named if p.requires_grad]
     return {
         "losses": losses,
+        "router_aux": [step.metrics.get("RouterAuxLoss") for step in steps],
         "frozen": len(frozen),
         "frozen_unchanged": all(torch.equal(before[n], after[n]) for n in frozen),
         "trainable": len(trainable),
@@ -199,7 +221,7 @@ def _worker(spec_file: str, out_file: str) -> None:
     results: dict[str, Any] = {}
     for name, recipe in json.loads(Path(spec_file).read_text()).items():
         try:
-            results[name] = _run_case(recipe)
+            results[name] = run_case(recipe)
         except Exception as exc:  # report every case, not only the first failure
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
     finish_worker(results, out_file)

@@ -224,3 +224,33 @@ def python(*args: str) -> subprocess.CompletedProcess[str]:
     )
     assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
     return done
+
+
+NEW_FAMILIES = ["qwen3", "qwen3_moe", "gemma3", "gpt_oss"]
+"""Issue 20's families (QK-norm; MoE experts as 3-D tensors; sliding-window and global
+layers, tied scaled embeddings; attention sinks), exported from FSDP2 shards."""
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_new_family_export_round_trip_gives_identical_logits(
+    env: DistEnv, tokenizer: Any, tmp_path: Path, family: str
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from adapter.config import ModelConfig
+    from adapter.models import FAMILIES, build_model, decoder_layers
+    from tests.adapter_helpers import FAMILY_ARCH
+
+    cfg = ModelConfig(model_type=family, seed=0, **FAMILY_ARCH[family])
+    model = build_model(cfg, 48, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
+    for layer in decoder_layers(model, FAMILIES[family]):
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    trained = logits(model.eval())
+    out = export_model(model, tokenizer, recipe(tmp_path), env, tmp_path / "hf_model")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.model_type == FAMILIES[family].hf_model_type
+    assert torch.equal(logits(reloaded), trained)

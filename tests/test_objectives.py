@@ -48,6 +48,7 @@ def test_metric_names_are_every_objectives_lines_and_throughput() -> None:
     assert metric_names() == [
         "Train metrics/train/LanguageCrossEntropy",
         "Train metrics/train/LanguagePerplexity",
+        "Train metrics/train/RouterAuxLoss",
         "Eval metrics/eval/LanguageCrossEntropy",
         "Eval metrics/eval/LanguagePerplexity",
         "Train metrics/throughput/TokensPerSecond",
@@ -85,7 +86,11 @@ def test_sft_reports_the_metrics_it_registers() -> None:
     sft = SFT.__new__(SFT)  # metrics needs no set-up
     named = sft.metrics({"loss": 6.0}, 4.0)
     assert named == {"LanguageCrossEntropy": 1.5, "LanguagePerplexity": pytest.approx(4.481689)}
-    assert tuple(named) == OBJECTIVES["sft"].train_metrics
+    assert tuple(named) == OBJECTIVES["sft"].train_metrics[:2]  # a dense model: no router
+    # A mixture of experts: the router's aux loss, the mean over the step's forwards.
+    moe = sft.metrics({"loss": 6.0, "router_aux": 4.5, "router_forwards": 2.0}, 4.0)
+    assert moe["RouterAuxLoss"] == 2.25
+    assert tuple(moe) == OBJECTIVES["sft"].train_metrics
     assert tuple(sft.eval_metrics({"loss": 6.0}, 4.0)) == OBJECTIVES["sft"].eval_metrics
 
 

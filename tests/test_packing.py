@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapter.attention import use_document_attention
+from adapter.attention import NAMES, use_document_attention
 from adapter.config import DataConfig, ModelConfig
 from adapter.data.dataset import Datasets, build_datasets, load_raw
 from adapter.data.formats import IGNORE_INDEX, Sample
@@ -19,7 +19,19 @@ from adapter.objectives.sft import forward
 from tests.adapter_helpers import FAMILY_ARCH, char_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
-NATIVE = ["llama", "mistral", "mixtral", "qwen2", "glm", "gpt2", "mpt"]
+NATIVE = [
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "gemma3",
+    "gpt_oss",
+    "glm",
+    "gpt2",
+    "mpt",
+]
 
 
 def sample(ids: list[int], prompt: int) -> Sample:
@@ -158,7 +170,10 @@ def per_sample_losses(model: torch.nn.Module, rows: list[Sample], mode: str) -> 
 
 
 POSITION_IDS = [f for f in NATIVE if FAMILIES[f].packing == "position_ids"]
-CASES = [(f, "hf_mask") for f in NATIVE] + [(f, "document") for f in POSITION_IDS]
+PACKING = [f for f in NATIVE if FAMILIES[f].packing and FAMILIES[f].hf_packed_masks]
+"""HF's own masks confine packed documents (not GPT-OSS's: it packs through document
+attention only, see tests/test_model_families.py)."""
+CASES = [(f, "hf_mask") for f in PACKING] + [(f, "document") for f in POSITION_IDS]
 
 
 @pytest.mark.parametrize(("family", "attention"), CASES)
@@ -167,7 +182,7 @@ def test_packed_losses_equal_unpacked_losses(family: str, attention: str) -> Non
     model = tiny_model(family)
     if attention == "document":
         assert use_document_attention(model)
-        assert model.config._attn_implementation == "document_sdpa"
+        assert model.config._attn_implementation in NAMES
     mode = FAMILIES[family].packing
     with torch.no_grad():
         alone = [float(forward(model, pad_batch([s], 0), torch.device("cpu"))) for s in SAMPLES]
@@ -206,6 +221,7 @@ def packed_gradients(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Te
     [
         ("llama", {"num_key_value_heads": 2}),  # grouped-query attention
         ("mistral", {"config_overrides": {"sliding_window": 4}}),  # longer documents
+        ("gemma3", {}),  # a sliding (4) and a global layer; query_pre_attn_scalar scaling
     ],
 )
 def test_document_attention_gradients_equal_the_masked_path(family: str, arch: dict) -> None:
@@ -273,3 +289,20 @@ def test_attention_keywords_it_cannot_apply_are_refused() -> None:
     module = torch.nn.Module()
     with pytest.raises(ValueError, match="document_sdpa can't apply softcap"):
         document_attention(module, states, states, states, None, cu_seq_lens_q=bounds, softcap=30.0)
+
+
+def test_sink_attention_is_hfs_eager_gpt_oss_attention() -> None:
+    """GPT-OSS's attention sinks, applied by adapter.attention: an unpacked padded batch gives
+    HF's eager losses and gradients (the sinks' included); packed rows are covered above."""
+    hf = tiny_model("gpt_oss").train()
+    ours = tiny_model("gpt_oss").train()
+    assert hf.config._attn_implementation == "eager"
+    assert use_document_attention(ours) and ours.config._attn_implementation == "document_eager"
+    batch = pad_batch(SAMPLES[:2], 0)
+    assert batch.attention_mask is not None  # padded: HF's mask reaches the sinks' softmax
+    expected, got = packed_gradients(hf, batch), packed_gradients(ours, batch)
+    sinks = [name for name in got if name.endswith("sinks")]
+    assert len(sinks) == 2 and all(got[name].abs().sum() > 0 for name in sinks)
+    assert got.keys() == expected.keys()
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -46,6 +46,7 @@ CLUSTERS = sorted(p.stem for p in (COLLECTION / "cluster").glob("*.yaml"))
 SHRINKS = sorted(p.stem for p in (COLLECTION / "shrink").glob("[!_]*.yaml"))
 SCRIPTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "launcher_scripts").glob("*/*.sh"))
 
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss")
 STAND_IN = {"chatglm": "glm"}
 """Families whose model code lives in the checkpoint's repository shrink to a native one."""
 ARCH_KEYS = (
@@ -532,6 +533,9 @@ def test_recipe_trains_shrunk_on_cpu(name: str, shrunk_runs: dict[str, ShrunkRun
     resolved = yaml.safe_load((run.run_dir / "recipe.yaml").read_text())["model"]
     assert resolved["model_type"] == shrink_family(name)
     assert (run.run_dir / "hf_model").is_dir(), "the final Hugging Face export was written"
+    # Mixture-of-experts recipes train the router's load-balancing loss and log it.
+    moe = resolved["model_type"] in MOE_FAMILIES
+    assert ("Train metrics/train/RouterAuxLoss: " in run.output) == moe
     peft_type = resolved["peft"]["peft_type"]
     if peft_type:
         assert f"{peft_type}: " in run.output and " trainable of " in run.output

@@ -470,7 +470,7 @@ def adapter_metric_lines(exp_dir: Path) -> list[str]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         values = {"loss": 2.5, "lr": 1e-4, "grad_norm": 0.7, "tokens_per_s": 12345.6}
-        logger.train(5, values, sft_metrics(2.5))
+        logger.train(5, values, {**sft_metrics(2.5), "RouterAuxLoss": 2.0625})
         logger.eval(5, 2.25, sft_metrics(2.25))
     return out.getvalue().splitlines()
 
@@ -480,6 +480,7 @@ def test_metric_definitions_parse_adapter_lines(tmp_path: Path) -> None:
     expected = {
         "train:LanguageCrossEntropy": 2.5,
         "train:LanguagePerplexity": 12.182494,
+        "train:RouterAuxLoss": 2.0625,
         "eval:LanguageCrossEntropy": 2.25,
         "eval:LanguagePerplexity": 9.487736,
         "train:TokensPerSecond": 12345.6,

@@ -191,8 +191,9 @@ def test_read_only_file_system(tmp_path: Path) -> None:
 def test_misspelled_model_type_is_an_error_on_every_cluster(cluster: str, tmp_path: Path) -> None:
     assert errors(tmp_path, *CLUSTER[cluster], "recipes.model.model_type=lama") == [
         "recipes.model.model_type: unknown 'lama' (did you mean `llama`?); known families: "
-        "chatglm, glm, gpt2, llama, mistral, mixtral, mpt, qwen2 (a pretrained model of another "
-        "type works through model.hf_model_name_or_path)"
+        "chatglm, gemma3, glm, gpt2, gpt_oss, llama, mistral, mixtral, mpt, qwen2, qwen3, "
+        "qwen3_moe (a pretrained model of another type works through "
+        "model.hf_model_name_or_path)"
     ]
 
 

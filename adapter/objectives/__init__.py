@@ -25,7 +25,8 @@ class ObjectiveSpec:
     implementation: str
     """``module:Class`` of the ``Objective`` subclass (imported only when a run uses it)."""
     train_metrics: tuple[str, ...]
-    """Names of the values its ``metrics`` returns: ``Train metrics/train/<name>: <value>``."""
+    """Names of the values its ``metrics`` returns: ``Train metrics/train/<name>: <value>``
+    (in this order; one may be left out where it doesn't apply, e.g. RouterAuxLoss)."""
     eval_metrics: tuple[str, ...]
     """Names of the values its ``eval_metrics`` returns: ``Eval metrics/eval/<name>: <value>``."""
     summary: str
@@ -37,7 +38,7 @@ LANGUAGE_METRICS = ("LanguageCrossEntropy", "LanguagePerplexity")
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     "sft": ObjectiveSpec(
         "adapter.objectives.sft:SFT",
-        train_metrics=LANGUAGE_METRICS,
+        train_metrics=(*LANGUAGE_METRICS, "RouterAuxLoss"),
         eval_metrics=LANGUAGE_METRICS,
         summary="supervised fine-tuning: cross-entropy on the response (or all text) tokens",
     ),

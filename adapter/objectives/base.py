@@ -78,6 +78,11 @@ class LossOutput:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     """Detached 0-dim sums for the metrics (e.g. correct pairs, summed rewards): the same
     keys for every micro-batch, padding batches included (they add 0)."""
+    forward_mean: torch.Tensor | None = None
+    """A loss term that is a mean within its forward already (the MoE router's
+    load-balancing loss × its coefficient, ``adapter.moe``): the loop adds its mean over
+    every forward of the step (each rank's micro-batches, every rank), not a mean per unit.
+    Training only; None where the objective has none."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ from adapter.distributed import DistEnv
 from adapter.loss import computing_loss, find_loss_head, last_positions, sum_cross_entropy
 from adapter.metrics import perplexity
 from adapter.models import resolve_family
+from adapter.moe import ROUTER_AUX, ROUTER_FORWARDS, router_aux_coefficient
 from adapter.objectives.base import LossOutput, Objective, SamplePrompt, TrainingData
 
 PROMPTLESS_PROMPT = 16
@@ -82,14 +83,27 @@ class SFT(Objective):
         return padding_batch(self.tokenizer.pad_token_id)
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        coefficient = router_aux_coefficient(model)
+        if coefficient is None:
+            return LossOutput(forward(model, batch, self.env.device))
+        cross_entropy, aux = forward_with_router_aux(model, batch, self.env.device)
+        forwards = torch.ones((), device=aux.device)
+        sums = {ROUTER_AUX: aux.detach(), ROUTER_FORWARDS: forwards}
+        return LossOutput(cross_entropy, sums, forward_mean=coefficient * aux)
+
+    def eval_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        # Eval measures the language loss alone (a padding batch has no tokens to route).
         return LossOutput(forward(model, batch, self.env.device))
 
     def metrics(self, sums: dict[str, float], units: float) -> dict[str, float]:
         cross_entropy = sums["loss"] / max(units, 1.0)
-        return {
+        values = {
             "LanguageCrossEntropy": cross_entropy,
             "LanguagePerplexity": perplexity(cross_entropy),
         }
+        if ROUTER_FORWARDS in sums:  # the mean over every forward of the step
+            values["RouterAuxLoss"] = sums[ROUTER_AUX] / max(sums[ROUTER_FORWARDS], 1.0)
+        return values
 
     def sample_prompts(self, val: Sequence[Sample], count: int) -> list[SamplePrompt]:
         return [sample_prompt(sample) for sample in val[:count]]
@@ -97,6 +111,22 @@ class SFT(Objective):
 
 def forward(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
     """The summed next-token cross-entropy of ``batch`` (moved to ``device``)."""
+    return _forward(model, batch, device, router_logits=False)[0]
+
+
+def forward_with_router_aux(
+    model: nn.Module, batch: Batch, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy and the router's load-balancing loss of one forward (HF's
+    ``aux_loss``: a mean over the forward's tokens, without the coefficient)."""
+    cross_entropy, aux = _forward(model, batch, device, router_logits=True)
+    assert aux is not None, "a mixture-of-experts model returns its aux_loss"
+    return cross_entropy, aux
+
+
+def _forward(
+    model: nn.Module, batch: Batch, device: torch.device, router_logits: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     batch = batch.to(device)
     inputs = {"input_ids": batch.input_ids}
     # A 2-D padding mask without padding changes nothing but costs a 4-D mask in every
@@ -108,14 +138,19 @@ def forward(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tenso
         inputs["position_ids"] = batch.position_ids
     if batch.cu_seq_lens is not None:  # read by document_sdpa, ignored by HF's sdpa/eager
         inputs["cu_seq_lens_q"] = batch.cu_seq_lens
+    if router_logits:
+        inputs["output_router_logits"] = True
     labels = batch.labels
     head = find_loss_head(model)
     # use_cache=False also lets HF confine attention by packed position ids.
     if head is None:
-        logits = model(**inputs, use_cache=False).logits
-        return sum_cross_entropy(last_positions(logits, labels.shape[1]), labels)
-    with computing_loss(head, labels):
-        return model(**inputs, use_cache=False).logits
+        outputs = model(**inputs, use_cache=False)
+        loss = sum_cross_entropy(last_positions(outputs.logits, labels.shape[1]), labels)
+    else:
+        with computing_loss(head, labels):
+            outputs = model(**inputs, use_cache=False)
+        loss = outputs.logits
+    return loss, getattr(outputs, "aux_loss", None) if router_logits else None
 
 
 def sample_prompt(sample: Sample) -> SamplePrompt:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Qwen3-30B-A3B LoRA on one ml.p5.48xlarge (8 x H100) as a Kubeflow PyTorchJob.
+# Recipe: recipes_collection/recipes/qwen3_30b_a3b_lora.yaml (hardware, data, memory)
+# Set the variables below (edit them here or export them), then run this script; extra
+# arguments go to main.py as overrides, e.g. dry_run=true or cluster.namespace=training.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+
+RESULTS_DIR=${RESULTS_DIR:-$REPO/results}  # where the rendered manifests and launch record go
+CONTAINER=${CONTAINER:?set CONTAINER to the training image, e.g. one built from docker/Dockerfile}
+PVC=${PVC:-fsx-claim}  # PersistentVolumeClaim mounted at /fsx in every pod (data, results)
+TRAIN_DIR=${TRAIN_DIR:?set TRAIN_DIR to chat JSONL under /fsx}
+VAL_DIR=${VAL_DIR:-null}  # validation data under /fsx; null = no eval
+MODEL=${MODEL:-Qwen/Qwen3-30B-A3B}  # hub id or a copy under /fsx
+# Gated models: store HF_TOKEN in a Secret and pass cluster.secret_env (see cluster/k8s.yaml).
+
+"${PYTHON:-python}" "$REPO/main.py" recipes=qwen3_30b_a3b_lora cluster=k8s \
+  instance_type=ml.p5.48xlarge base_results_dir="$RESULTS_DIR" container="$CONTAINER" \
+  "cluster.persistent_volume_claims=[{claim_name:$PVC,mount_path:/fsx}]" \
+  cluster.results_dir=/fsx/results recipes.model.hf_model_name_or_path="$MODEL" \
+  recipes.model.data.train_dir="$TRAIN_DIR" recipes.model.data.val_dir="$VAL_DIR" "$@"
