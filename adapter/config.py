@@ -15,13 +15,18 @@ from typing import Any, Literal
 
 from adapter.families import FAMILIES, GENERIC_ARCH_KEYS, REMOTE_CODE, unknown_family
 from adapter.objectives import OBJECTIVES, unknown_objective
+from adapter.objectives.dpo_config import DPOConfig, dpo_problems
 from adapter.schema import Problem, bounded, load, nested, rule, to_dict
 
 Precision = Literal["32", "bf16", "16"]
 ShardingStrategy = Literal["full_shard", "hybrid_shard", "shard_grad_op", "no_shard"]
 PeftType = Literal[None, "lora", "qlora_4bit", "prefix_tuning", "p_tuning", "prompt_tuning"]
-DatasetType = Literal["prompt_response", "alpaca", "chat", "chatglm", "hf", "text"]
+DatasetType = Literal[
+    "prompt_response", "alpaca", "chat", "chatglm", "hf", "text", "preference", "chat_preference"
+]
 SchedName = Literal["cosine", "linear", "constant"]
+TEMPLATED = ("prompt_response", "preference")
+"""Dataset types whose prompts go through ``model.data.prompt_template``."""
 PROMPT_LEARNING = ("prefix_tuning", "p_tuning", "prompt_tuning")
 """PEFT methods that prepend virtual tokens to every sequence."""
 
@@ -77,6 +82,9 @@ class TrainerConfig:
     """Evaluate every N optimizer steps, or a duration (``1ep``, ``500ba``); 0 = end only."""
     limit_val_batches: int = bounded(0, ge=0)
     """Evaluate on at most this many micro-batches per rank; 0 = the whole validation set."""
+    eval_on_start: bool = False
+    """Also evaluate before the first step (step 0) of a run that starts from the beginning:
+    the eval metrics of the initial model."""
     log_every_n_steps: int = bounded(10, ge=1)
     """Print/record metrics every N optimizer steps."""
 
@@ -221,7 +229,8 @@ class DataConfig:
     prompts are templated and masked, packing, bad rows."""
 
     dataset_type: DatasetType = "prompt_response"
-    """Format of the files in ``train_dir`` / ``val_dir``."""
+    """Format of the files in ``train_dir`` / ``val_dir`` (``preference`` and
+    ``chat_preference``: pairs for ``model.objective=dpo``)."""
     train_dir: str | None = None
     """Training data: a file or a directory of files (SageMaker: the channel dir)."""
     val_dir: str | None = None
@@ -229,15 +238,18 @@ class DataConfig:
     val_split: float = bounded(0.0, ge=0.0, lt=1.0)
     """Fraction of the training data held out for eval when ``val_dir`` is null."""
     prompt_template: str | None = None
-    """Template with ``{prompt}`` for prompt_response (default: the MPT question/response one)."""
+    """Template with ``{prompt}`` for prompt_response and preference (default: the MPT
+    question/response one)."""
     train_on_prompt: bool = False
     """Compute the loss on prompt tokens too (default: response tokens only)."""
     packing: bool = False
     """Pack several samples per sequence (attention and positions confined to each sample)."""
     skip_bad_rows: bool = False
     """Skip malformed rows (counted in the log) instead of failing before training."""
-    synthetic: Literal[None, "arithmetic"] = None
-    """Generate a deterministic demo dataset instead of reading ``train_dir`` (tiny demos)."""
+    synthetic: Literal[None, "arithmetic", "arithmetic_preference"] = None
+    """Generate a deterministic demo dataset instead of reading ``train_dir`` (tiny demos);
+    ``arithmetic_preference``: the same tasks as pairs of the right answer and the model's
+    most likely wrong one (``model.objective=dpo``)."""
     num_synthetic_samples: int = bounded(4000, ge=10)
     """Rows the synthetic generator makes (a tenth more are made for validation)."""
     num_workers: int = bounded(0, ge=0)
@@ -258,11 +270,11 @@ class DataConfig:
         template = self.prompt_template
         if template is None:
             return []
-        if self.dataset_type != "prompt_response" and self.synthetic is None:
+        if self.dataset_type not in TEMPLATED and self.synthetic is None:
             return [
                 Problem(
                     "prompt_template",
-                    f"applies to dataset_type=prompt_response only (this is "
+                    f"applies to dataset_type=prompt_response and preference only (this is "
                     f"{self.dataset_type}, which has its own template); remove it",
                 )
             ]
@@ -291,7 +303,7 @@ class ModelConfig:
     """Allow models whose code lives in their repo (ChatGLM-6B)."""
     objective: str = "sft"
     """Training objective, from ``adapter.objectives``: ``sft`` (supervised fine-tuning and
-    continued pretraining)."""
+    continued pretraining) or ``dpo`` (preference pairs, ``model.dpo``)."""
     max_context_width: int = bounded(2048, ge=8)
     """Sequence length in tokens (longer samples are truncated)."""
     train_batch_size: int = bounded(1, ge=1)
@@ -348,6 +360,8 @@ class ModelConfig:
     """Parameter-efficient fine-tuning."""
     data: DataConfig = nested(DataConfig)
     """Training and validation data."""
+    dpo: DPOConfig = nested(DPOConfig)
+    """Direct preference optimisation (``model.objective=dpo``)."""
 
     @rule("max_context_width", "max_position_embeddings")
     def _context_fits_positions(self) -> list[Problem]:
@@ -384,6 +398,12 @@ class ModelConfig:
         if self.objective in OBJECTIVES:
             return []
         return [Problem("objective", unknown_objective(self.objective))]
+
+    @rule(
+        "objective", "dpo", "data", "peft.peft_type", "max_context_width", "hf_model_name_or_path"
+    )
+    def _dpo_fits(self) -> list[Problem]:
+        return dpo_problems(self)
 
     @rule("hidden_size", "num_attention_heads")
     def _heads_divide_width(self) -> list[Problem]:

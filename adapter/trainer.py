@@ -129,6 +129,8 @@ class Trainer:
         self._resume()
         first_step = self.metrics.first_step = self.state.step
         eval_every = self._eval_interval()
+        if self.recipe.trainer.eval_on_start and self.data.val and first_step == 0:
+            self.evaluate()
         start = window_start = time.monotonic()
         window_tokens = 0
         while self.state.step < self.total_steps:
@@ -156,6 +158,8 @@ class Trainer:
             f"in {elapsed:.1f}s"
         )
         self._show_samples()
+        for line in self.objective.final_report(self.model):
+            self.metrics.info(line)
         self.metrics.close()
         self.metrics.info(f"results: {self.exp_dir}")
 

@@ -98,7 +98,19 @@ class SFT(Objective):
 def forward(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
     """The summed next-token cross-entropy of ``batch`` (moved to ``device``)."""
     batch = batch.to(device)
-    inputs = {"input_ids": batch.input_ids}
+    inputs = model_inputs(batch)
+    labels = batch.labels
+    head = find_loss_head(model)
+    if head is None:
+        logits = model(**inputs).logits
+        return sum_cross_entropy(last_positions(logits, labels.shape[1]), labels)
+    with computing_loss(head, labels):
+        return model(**inputs).logits
+
+
+def model_inputs(batch: Batch) -> dict[str, Any]:
+    """The forward's keyword arguments for ``batch`` (labels aside)."""
+    inputs: dict[str, Any] = {"input_ids": batch.input_ids}
     # A 2-D padding mask without padding changes nothing but costs a 4-D mask in every
     # attention layer (HF then can't take sdpa's is_causal path): leave it out.
     padded = batch.num_tokens < batch.input_ids.numel()
@@ -108,14 +120,9 @@ def forward(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tenso
         inputs["position_ids"] = batch.position_ids
     if batch.cu_seq_lens is not None:  # read by document_sdpa, ignored by HF's sdpa/eager
         inputs["cu_seq_lens_q"] = batch.cu_seq_lens
-    labels = batch.labels
-    head = find_loss_head(model)
     # use_cache=False also lets HF confine attention by packed position ids.
-    if head is None:
-        logits = model(**inputs, use_cache=False).logits
-        return sum_cross_entropy(last_positions(logits, labels.shape[1]), labels)
-    with computing_loss(head, labels):
-        return model(**inputs, use_cache=False).logits
+    inputs["use_cache"] = False
+    return inputs
 
 
 def sample_prompt(sample: Sample) -> SamplePrompt:
