@@ -177,10 +177,13 @@ def fp32_cpu_args(tmp: Path) -> dict[str, Any]:
     }
 
 
-def dpo_trainer(models: Models, tmp: Path, loss_type: str) -> Any:
+def dpo_trainer(models: Models, tmp: Path, loss_type: str, sft_weight: float = 0.0) -> Any:
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(beta=BETA, loss_type=[loss_type], **fp32_cpu_args(tmp))
+    losses = {"loss_type": [loss_type]}
+    if sft_weight:
+        losses = {"loss_type": [loss_type, "sft"], "loss_weights": [1.0, sft_weight]}
+    args = DPOConfig(beta=BETA, **losses, **fp32_cpu_args(tmp))
     return DPOTrainer(
         model=llama(models.policy, models.tokenizer),
         ref_model=llama(models.reference, models.tokenizer),
@@ -277,6 +280,23 @@ def test_dpo_equals_trl_dpo_trainer(models: Models, tmp_path: Path, loss_type: s
         assert close(mine.logps[index][1], alone["logps/rejected"])
         assert close(mine.rewards[index][0], alone["rewards/chosen"])
         assert close(mine.rewards[index][1], alone["rewards/rejected"])
+
+
+def test_sft_weight_equals_trl_sigmoid_plus_sft(models: Models, tmp_path: Path) -> None:
+    """RPO: TRL's ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, w]``. TRL's SFT
+    term is the mean over the micro-batch's chosen tokens, ours the mean of each pair's
+    per-token mean (so that every pair weighs the same however a batch is split): the two
+    agree when the chosen responses are equally long, as here."""
+    pairs = [p for p in token_pairs() if len(p.chosen) == 3]
+    assert len(pairs) == 3
+    mine = ours(models, pairs, tmp_path, beta=BETA, sft_weight=0.5)
+    trainer = dpo_trainer(models, tmp_path, "sigmoid", sft_weight=0.5)
+    loss, _ = trl_dpo(trainer, pairs)
+    plain = ours(models, pairs, tmp_path, beta=BETA)
+    assert close(mine.loss, loss), (mine.loss, loss)
+    assert mine.loss - plain.loss > 0.5, "the SFT term is there"
+    for name, param in trainer.model.named_parameters():
+        assert torch.allclose(mine.gradients[name], param.grad, atol=TOLERANCE, rtol=0), name
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])

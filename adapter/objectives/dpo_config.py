@@ -48,6 +48,10 @@ class DPOConfig:
     adapters disabled, so no second copy is held), ``precomputed`` (one pass of the initial
     policy over the train and validation pairs before the first step; nothing is held
     during training). null = adapters_off for LoRA/QLoRA, else frozen_copy; simpo has none."""
+    sft_weight: float = bounded(0.0, ge=0.0)
+    """Weight of an SFT term added to each pair's loss: the chosen response's cross-entropy
+    per token (RPO, Pang et al. 2024; TRL's ``loss_type=[..., "sft"]``). It keeps the chosen
+    responses likely while the preference loss separates them from the rejected; 0 = off."""
     max_prompt_length: int | None = bounded(None, ge=1)
     """A pair longer than ``max_context_width`` (prompt + the longer response) loses the
     start of its prompt (BOS stays) down to this many tokens, then the ends of its

@@ -44,7 +44,19 @@ class PairLogProbs:
 
 
 def pair_losses(policy: PairLogProbs, reference: PairLogProbs | None, dpo: DPOConfig) -> PairLosses:
-    """The loss of each pair for ``dpo.loss_type`` (``reference`` None for simpo only)."""
+    """The loss of each pair for ``dpo.loss_type`` (``reference`` None for simpo only),
+    plus ``dpo.sft_weight`` × the chosen response's cross-entropy per token."""
+    losses = preference_losses(policy, reference, dpo)
+    if dpo.sft_weight:
+        chosen_nll = -policy.chosen / policy.chosen_tokens.clamp(min=1.0)
+        losses.losses = losses.losses + dpo.sft_weight * chosen_nll
+    return losses
+
+
+def preference_losses(
+    policy: PairLogProbs, reference: PairLogProbs | None, dpo: DPOConfig
+) -> PairLosses:
+    """The preference loss alone (see the module docstring)."""
     beta = dpo.beta
     if dpo.loss_type == "simpo":
         chosen = policy.chosen / policy.chosen_tokens.clamp(min=1.0)
