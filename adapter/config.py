@@ -7,16 +7,18 @@ live beside them. Importing this module must stay cheap: no torch, no transforme
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from adapter.elastic import ElasticPolicy, batch_problems, world_size_problems
 from adapter.families import FAMILIES, GENERIC_ARCH_KEYS, REMOTE_CODE, unknown_family
 from adapter.objectives import OBJECTIVES, unknown_objective
 from adapter.objectives.dpo_config import DPOConfig, dpo_problems
-from adapter.schema import Problem, bounded, load, nested, rule, to_dict
+from adapter.schema import ConfigError, Problem, bounded, load, nested, rule, to_dict
 
 Precision = Literal["32", "bf16", "16"]
 ShardingStrategy = Literal["full_shard", "hybrid_shard", "shard_grad_op", "no_shard"]
@@ -488,10 +490,35 @@ class Recipe:
     """Where results, checkpoints and exports go."""
     model: ModelConfig = nested(ModelConfig)
     """Model, optimizer, fine-tuning method and data."""
+    elastic_policy: ElasticPolicy = nested(ElasticPolicy)
+    """Elastic training between a minimum and a maximum of nodes (HyperPod EKS)."""
 
     @property
     def world_size(self) -> int:
         return self.trainer.devices * self.trainer.num_nodes
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step: ``model.global_batch_size``, else one micro-batch per
+        rank of ``trainer.devices`` × ``trainer.num_nodes``."""
+        return self.model.global_batch_size or self.model.train_batch_size * self.world_size
+
+    def at_world_size(self, world_size: int) -> Recipe:
+        """This recipe as it runs on ``world_size`` ranks. The same recipe when that is
+        ``trainer.devices`` × ``trainer.num_nodes``; else (an elastic job the operator
+        restarted on another number of nodes) ``trainer.num_nodes`` = the nodes running now
+        and ``model.global_batch_size`` = this recipe's global batch, so that gradient
+        accumulation grows or shrinks to keep it. ConfigError when it can't be kept."""
+        if world_size == self.world_size:
+            return self
+        devices, global_batch = self.trainer.devices, self.global_batch
+        micro = self.model.train_batch_size
+        problems = world_size_problems(world_size, devices, micro, global_batch)
+        if problems:
+            raise ConfigError(problems, f"the recipe on {world_size} ranks")
+        trainer = dataclasses.replace(self.trainer, num_nodes=world_size // devices)
+        model = dataclasses.replace(self.model, global_batch_size=global_batch)
+        return dataclasses.replace(self, trainer=trainer, model=model)
 
     @property
     def grad_accum_steps(self) -> int:
@@ -517,6 +544,23 @@ class Recipe:
                 f"{self.trainer.num_nodes} = {per_step} (e.g. {nearest})",
             )
         ]
+
+    @rule(
+        "elastic_policy",
+        "model.train_batch_size",
+        "model.global_batch_size",
+        "trainer.devices",
+        "trainer.num_nodes",
+    )
+    def _elastic_range_keeps_global_batch(self) -> list[Problem]:
+        trainer, model = self.trainer, self.model
+        return batch_problems(
+            self.elastic_policy,
+            trainer.num_nodes,
+            trainer.devices,
+            model.train_batch_size,
+            model.global_batch_size,
+        )
 
     @rule("model.shard_degree", "model.sharding_strategy", "trainer.devices", "trainer.num_nodes")
     def _shard_degree_fits(self) -> list[Problem]:

@@ -11,9 +11,11 @@ from adapter.config import Recipe
 from adapter.data.formats import DataError
 from adapter.distributed import PeerError
 from adapter.models import ModelError
+from adapter.schema import ConfigError
 
-USER_ERRORS = (DataError, CheckpointError, ModelError, PeerError)
-"""One line and exit code 2: a user's mistake, or another rank's failure (reported there)."""
+USER_ERRORS = (DataError, CheckpointError, ModelError, PeerError, ConfigError)
+"""One line and exit code 2: a user's mistake (a recipe that can't run at this world size
+among them), or another rank's failure (reported there)."""
 
 
 def run_reporting_user_errors(recipe: Recipe) -> int:

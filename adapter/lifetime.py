@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 """``prctl`` option from ``<linux/prctl.h>``."""
@@ -47,16 +48,32 @@ def die_with_parent_hook(parent_pid: int) -> Callable[[], None] | None:
     return die_with_parent
 
 
+TORCH_AGENTS = ("torchrun", "torch.distributed.run", "torch.distributed.launch")
+"""How a torchrun agent shows in its command line (the script, or ``python -m`` module)."""
+
+
+def pid1_is_a_torch_agent() -> bool:
+    """Whether pid 1 is torchrun: the first process of a container that execs it, as a
+    Kubernetes pod running ``bash train.sh`` does (a pod has a PID namespace of its own)."""
+    try:
+        argv = Path("/proc/1/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return any(Path(arg).name in TORCH_AGENTS or arg in TORCH_AGENTS for arg in argv[:3])
+
+
 def die_with_current_parent() -> None:
     """SIGKILL this process when its parent dies (exit now if it has died already).
 
     Unlike the fork-side hook, the parent's pid is only known from ``getppid()`` here: a
-    parent that died before that call shows up as init (pid 1); a subreaper is not told apart.
+    parent that died before that call shows up as init (pid 1), unless pid 1 is the torchrun
+    agent itself (in a container); a subreaper is not told apart.
     """
     parent = os.getppid()
     hook = die_with_parent_hook(parent)
     if hook is None:
         return
-    if parent == 1:
+    if parent == 1 and not pid1_is_a_torch_agent():
+        print("error: this rank's parent (torchrun) has already exited; exiting", file=sys.stderr)
         os._exit(1)
     hook()

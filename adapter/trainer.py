@@ -74,8 +74,10 @@ class Trainer:
     trains it to the end. Every method is a collective: each rank runs the same calls."""
 
     def __init__(self, recipe: Recipe) -> None:
-        self.recipe = recipe
         self.env: DistEnv = init_distributed(recipe.trainer)
+        self.planned = recipe
+        """The recipe as written; ``recipe`` is it at this job's world size (elastic jobs)."""
+        self.recipe = recipe = recipe.at_world_size(self.env.world_size)
         self.exp_dir = Path(recipe.exp_manager.exp_dir or ".")
         if self.env.is_main:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
@@ -343,6 +345,13 @@ class Trainer:
             self.metrics.info(
                 f"{recipe.model.peft.peft_type}: {built.num_trainable:,} trainable of "
                 f"{built.num_params:,} parameters ({share:.2f}%)"
+            )
+        if self.planned.world_size != self.env.world_size:
+            planned = self.planned
+            self.metrics.info(
+                f"elastic: {recipe.trainer.num_nodes} node(s) instead of the recipe's "
+                f"{planned.trainer.num_nodes}; gradient accumulation {planned.grad_accum_steps}"
+                f" → {recipe.grad_accum_steps} keeps the global batch {self.sampler.global_batch}"
             )
         for line in data.report:
             self.metrics.info(line)

@@ -1,6 +1,7 @@
-"""The checks of a planned job that every backend shares: the run directory, the secret policy,
-and the GPUs a backend requests against the job's ranks (``check_gpu_request``, for the
-backends' own rules). Each returns ``Problem``s and changes nothing."""
+"""The checks of a planned job that every backend shares: the run directory, where an elastic
+job can run, the secret policy, and the GPUs a backend requests against the job's ranks
+(``check_gpu_request``, for the backends' own rules). Each returns ``Problem``s and changes
+nothing."""
 
 from __future__ import annotations
 
@@ -46,7 +47,21 @@ def results_dir_is_writable(job: Job) -> list[Problem]:
     return []
 
 
-SHARED_RULES: tuple[LaunchRule, ...] = (results_dir_is_writable,)
+@rule("recipes.elastic_policy", "cluster.type")
+def elastic_runs_on_kubernetes(job: Job) -> list[Problem]:
+    """An elastic job needs what scales it: the HyperPod training operator on cluster=k8s
+    (whose rules say the rest); elsewhere a job runs on ``trainer.num_nodes``."""
+    if job.workload.elastic is None or job.cluster.type == "k8s":
+        return []
+    message = (
+        f"elastic training needs the HyperPod training operator, which cluster={job.cluster.type} "
+        "doesn't have: launch on cluster=k8s with cluster.use_hyperpod_pytorch_job=true, or set "
+        f"recipes.elastic_policy.is_elastic=false to run on {job.num_nodes} node(s)"
+    )
+    return [Problem("recipes.elastic_policy.is_elastic", message)]
+
+
+SHARED_RULES: tuple[LaunchRule, ...] = (results_dir_is_writable, elastic_runs_on_kubernetes)
 """Every job's checks, before its workload's and its backend's."""
 
 

@@ -58,3 +58,14 @@ def c10d(num_nodes: int, devices: int, endpoint: str, run_id: str, node_rank: st
         master_addr=f"${{{endpoint}%:*}}",
         master_port=f"${{{endpoint}##*:}}",
     )
+
+
+def hyperpod(min_nodes: int, max_nodes: int, devices: int) -> Rendezvous:
+    """The HyperPod training operator's: ``hyperpodrun`` (its elastic agent, a torchrun that
+    reports to the operator) gets the nodes and the ranks from the operator
+    (``--rdzv-backend=hyperpod``); ``--nnodes=<min>:<max>`` when the job is elastic. No node
+    rank or master address is known before it starts, so launchers other than torchrun's
+    don't run under it."""
+    nnodes = str(max_nodes) if min_nodes == max_nodes else f"{min_nodes}:{max_nodes}"
+    args = (f"--nnodes={nnodes}", f"--nproc_per_node={devices}", "--rdzv-backend=hyperpod")
+    return Rendezvous(args)

@@ -381,6 +381,13 @@ PURITY = {
     "slurm": CLUSTER["slurm"],
     "slurm_custom": [*CLUSTER["slurm"], *CUSTOM],
     "k8s": CLUSTER["k8s"],
+    "k8s_hyperpod_elastic": [
+        *CLUSTER["k8s"],
+        "cluster.use_hyperpod_pytorch_job=true",
+        "recipes.trainer.num_nodes=2",
+        "+recipes.elastic_policy={is_elastic: true, min_nodes: 1, max_nodes: 3}",
+        "recipes.model.global_batch_size=192",
+    ],
     "sm_jobs": SM_JOBS_FROM_ENV,
     "sm_jobs_sdk_image": [o for o in SM_JOBS_FROM_ENV if not o.startswith("container=")],
 }

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from adapter.elastic import ElasticPolicy
 from adapter.schema import Parsed, Problem
 from launcher.rendezvous import Rendezvous
 
@@ -110,6 +111,12 @@ class Workload(ABC):
     @abstractmethod
     def accelerator(self) -> str:
         """``gpu``, ``cpu`` or ``auto`` (decided by the instance type, else this machine)."""
+
+    @property
+    def elastic(self) -> ElasticPolicy | None:
+        """Its elastic range (HyperPod EKS scales it between ``min_nodes`` and
+        ``max_nodes``), or None: it runs on ``num_nodes``."""
+        return None
 
     # --- what runs ----------------------------------------------------------------------
 

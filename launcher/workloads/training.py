@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from adapter.config import Recipe
+from adapter.elastic import ElasticPolicy
 from adapter.layout import HF_MODEL_DIR
 from adapter.schema import Parsed, Problem, parse_partial, rule, to_dict, warning
 from launcher import paths
@@ -171,6 +172,11 @@ class TrainingWorkload(RecipeWorkload):
             return self
         exp = dataclasses.replace(exp, exp_dir=str(run_dir))
         return TrainingWorkload(dataclasses.replace(self.recipe, exp_manager=exp))
+
+    @property
+    def elastic(self) -> ElasticPolicy | None:
+        policy = self.recipe.elastic_policy
+        return policy if policy.is_elastic else None
 
     def recipe_dict(self, moved: Mapping[str, str] | None = None) -> dict[str, Any]:
         recipe = to_dict(self.recipe)

@@ -50,6 +50,7 @@ CRD_PATH = FIXTURES / "schemas" / "kubeflow.org_pytorchjobs.yaml"
 repository as a fixture: its header says where it comes from."""
 
 PYTORCHJOBS = "kubeflow.org/v1/pytorchjobs"
+HYPERPODJOBS = "sagemaker.amazonaws.com/v1/hyperpodpytorchjobs"
 CONFIGMAPS = "v1/configmaps"
 PODS = "v1/pods"
 SECRETS = "v1/secrets"
@@ -58,6 +59,13 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
     PYTORCHJOBS: kmock.ResourceInfo(
         kind="PyTorchJob",
         singular="pytorchjob",
+        namespaced=True,
+        subresources={"status"},
+        verbs={"create", "get", "list", "patch", "delete", "watch"},
+    ),
+    HYPERPODJOBS: kmock.ResourceInfo(
+        kind="HyperPodPyTorchJob",
+        singular="hyperpodpytorchjob",
         namespaced=True,
         subresources={"status"},
         verbs={"create", "get", "list", "patch", "delete", "watch"},

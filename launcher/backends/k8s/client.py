@@ -1,7 +1,8 @@
 """Everything the Kubernetes backend does with the API server, through the ``kubernetes``
 Python client (kubeconfig or in-cluster config), imported only here, only when a cluster is
-contacted: create, read, follow the logs of and delete the job and its ConfigMap, and map a
-PyTorchJob's conditions to ``JobState``."""
+contacted: create, read, follow the logs of and delete the job (a PyTorchJob or a
+HyperPodPyTorchJob: the launch record's ``job_kind``) and its ConfigMap, and map the job's
+conditions to ``JobState``."""
 
 from __future__ import annotations
 
@@ -18,7 +19,15 @@ import yaml
 
 from launcher.backends.base import Artifacts
 from launcher.backends.k8s.config import cluster_of
-from launcher.backends.k8s.render import CONFIGMAP_FILE, CONTAINER, GROUP, JOB_FILE, PLURAL, VERSION
+from launcher.backends.k8s.render import (
+    CONFIGMAP_FILE,
+    CONTAINER,
+    HYPERPOD_JOB,
+    JOB_KINDS,
+    PYTORCHJOB,
+    JobKind,
+    job_kind,
+)
 from launcher.errors import LaunchError
 from launcher.job import Job, Resolved
 from launcher.record import LaunchRecord
@@ -27,7 +36,6 @@ from launcher.state import JobState, JobStatus
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
-JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REQUEST_TIMEOUT = (5, 30)
 """(connect, read) seconds for each API call: an unreachable server fails fast."""
 POLL_SECONDS = 2.0
@@ -39,13 +47,14 @@ def resolve(job: Job) -> Resolved:
 
 
 def submit(job: Job, artifacts: Artifacts) -> dict[str, Any]:
-    """Create the rendered ConfigMap, then the PyTorchJob, through the API server."""
+    """Create the rendered ConfigMap, then the job, through the API server."""
     cluster = cluster_of(job)
+    kind = job_kind(cluster)
     connection = connect(cluster.kube_context, cluster.kubeconfig, cluster.in_cluster)
     configmap = yaml.safe_load(artifacts.files[CONFIGMAP_FILE])
-    pytorchjob = yaml.safe_load(artifacts.files[JOB_FILE])
-    create_all(connection, configmap, pytorchjob, run_dir=str(job.run_dir))
-    job_id = f"{cluster.namespace}/{pytorchjob['metadata']['name']}"
+    manifest = yaml.safe_load(artifacts.files[kind.file])
+    create_all(connection, kind, configmap, manifest, run_dir=str(job.run_dir))
+    job_id = f"{cluster.namespace}/{manifest['metadata']['name']}"
     return {"job_id": job_id, "submitted_at": time.time()}
 
 
@@ -54,24 +63,25 @@ def status(record: LaunchRecord) -> JobStatus:
         manifests = " -f ".join(record.details.get("manifests", []))
         detail = f"submit with: kubectl apply -f {manifests}"
         return JobStatus(JobState.NOT_SUBMITTED, {"detail": detail})
-    return job_status(_connect_record(record), _namespace(record), str(record.job_name))
+    connection, kind = _connect_record(record), _kind(record)
+    return job_status(connection, kind, _namespace(record), str(record.job_name))
 
 
 def logs(record: LaunchRecord, follow: bool = False, tail: int | None = None) -> None:
-    """Print the master pod's log (``-f``: stream it until the pod ends)."""
+    """Print the first node's pod's log (``-f``: stream it until the pod ends)."""
     if not record.submitted:
         raise LaunchError(f"run {record.run_name} was not submitted, so it has no logs")
-    connection = _connect_record(record)
-    print_master_logs(connection, _namespace(record), str(record.job_name), follow, tail)
+    connection, kind = _connect_record(record), _kind(record)
+    print_logs(connection, kind, _namespace(record), str(record.job_name), follow, tail)
 
 
 def cancel(record: LaunchRecord) -> dict[str, Any]:
-    """Delete the PyTorchJob (its pods follow) and its ConfigMap."""
+    """Delete the job (its pods follow) and its ConfigMap."""
     if not record.submitted:
         raise LaunchError(f"run {record.run_name} was not submitted; nothing to cancel")
-    connection = _connect_record(record)
+    connection, kind = _connect_record(record), _kind(record)
     configmap = record.details["configmap"]
-    delete_all(connection, _namespace(record), str(record.job_name), configmap)
+    delete_all(connection, kind, _namespace(record), str(record.job_name), configmap)
     return {"state": JobState.CANCELLED, "cancelled_at": time.time()}
 
 
@@ -154,6 +164,11 @@ def _namespace(record: LaunchRecord) -> str:
     return str(record.details["namespace"])
 
 
+def _kind(record: LaunchRecord) -> JobKind:
+    """The job's resource; records written before the HyperPod kind hold PyTorchJobs."""
+    return JOB_KINDS.get(str(record.details.get("job_kind")), PYTORCHJOB)
+
+
 @contextlib.contextmanager
 def reaching(connection: Connection, action: str) -> Iterator[None]:
     """Turn a network failure during ``action`` into a LaunchError naming host and context."""
@@ -174,23 +189,32 @@ REJECTION_HINTS = {
     409: "it already exists: this run was submitted before; cancel it with `python -m launcher "
     "cancel <run dir>` (or kubectl delete -f), or pick another recipes.run.name",
     403: "your Kubernetes user may not create it in namespace {namespace}: ask for create rights "
-    "on configmaps and pytorchjobs.kubeflow.org there, or set cluster.namespace",
+    "on configmaps and {plural}.{group} there, or set cluster.namespace",
     422: "the API server found the manifest invalid: fix the setting the message names and "
     "launch again",
-    404: "namespace {namespace} or the PyTorchJob CRD (kubeflow.org/v1) does not exist: install "
-    "the Kubeflow training operator, or set cluster.namespace",
+    404: "namespace {namespace} or the {kind} CRD ({group}/{version}) does not exist: install "
+    "{operator}, or set cluster.namespace",
 }
 """What to do about each API rejection of a create."""
 
 
-def rejection(exc: Any, what: str, manifest: str, namespace: str) -> LaunchError:
+def rejection(
+    exc: Any, what: str, manifest: str, namespace: str, kind: JobKind = PYTORCHJOB
+) -> LaunchError:
     """A LaunchError with the API server's reason for rejecting ``what`` and its manifest path."""
     try:
         body = json.loads(exc.body or "{}")
     except (TypeError, ValueError):
         body = {}
     message = body.get("message") or exc.reason or "no message"
-    hint = REJECTION_HINTS.get(exc.status, "see the message").format(namespace=namespace)
+    hint = REJECTION_HINTS.get(exc.status, "see the message").format(
+        namespace=namespace,
+        plural=kind.plural,
+        group=kind.group,
+        kind=kind.kind,
+        version=kind.version,
+        operator=kind.operator,
+    )
     return LaunchError(
         f"the API server rejected {what} (HTTP {exc.status} {body.get('reason') or exc.reason}): "
         f"{message}\n  manifest: {manifest}\n  {hint}"
@@ -198,13 +222,17 @@ def rejection(exc: Any, what: str, manifest: str, namespace: str) -> LaunchError
 
 
 def create_all(
-    connection: Connection, configmap: dict[str, Any], pytorchjob: dict[str, Any], run_dir: str
+    connection: Connection,
+    kind: JobKind,
+    configmap: dict[str, Any],
+    manifest: dict[str, Any],
+    run_dir: str,
 ) -> None:
     """Create the ConfigMap, then the job; remove the ConfigMap again if the job is refused."""
     from kubernetes.client import ApiException
 
-    namespace = pytorchjob["metadata"]["namespace"]
-    cm_name, job_name = configmap["metadata"]["name"], pytorchjob["metadata"]["name"]
+    namespace = manifest["metadata"]["namespace"]
+    cm_name, job_name = configmap["metadata"]["name"], manifest["metadata"]["name"]
     with reaching(connection, "create the ConfigMap"):
         try:
             connection.core.create_namespaced_config_map(
@@ -213,17 +241,22 @@ def create_all(
         except ApiException as exc:
             what, manifest = f"ConfigMap {namespace}/{cm_name}", f"{run_dir}/{CONFIGMAP_FILE}"
             raise rejection(exc, what, manifest, namespace) from None
-    with reaching(connection, "create the PyTorchJob"):
+    with reaching(connection, f"create the {kind.kind}"):
         try:
             connection.custom.create_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, pytorchjob, _request_timeout=REQUEST_TIMEOUT
+                kind.group,
+                kind.version,
+                namespace,
+                kind.plural,
+                manifest,
+                _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as exc:
             delete_if_exists(
                 lambda: connection.core.delete_namespaced_config_map(cm_name, namespace)
             )
-            what, manifest = f"PyTorchJob {namespace}/{job_name}", f"{run_dir}/{JOB_FILE}"
-            raise rejection(exc, what, manifest, namespace) from None
+            what, path = f"{kind.kind} {namespace}/{job_name}", f"{run_dir}/{kind.file}"
+            raise rejection(exc, what, path, namespace, kind) from None
 
 
 def delete_if_exists(delete: Callable[[], Any]) -> bool:
@@ -239,18 +272,20 @@ def delete_if_exists(delete: Callable[[], Any]) -> bool:
     return True
 
 
-def delete_all(connection: Connection, namespace: str, name: str, configmap: str) -> None:
+def delete_all(
+    connection: Connection, kind: JobKind, namespace: str, name: str, configmap: str
+) -> None:
     """Delete the job (its pods follow) and its ConfigMap; LaunchError if neither exists."""
     from kubernetes import client
 
     foreground = client.V1DeleteOptions(propagation_policy="Foreground")
-    with reaching(connection, f"delete PyTorchJob {namespace}/{name}"):
+    with reaching(connection, f"delete {kind.kind} {namespace}/{name}"):
         job_deleted = delete_if_exists(
             lambda: connection.custom.delete_namespaced_custom_object(
-                GROUP,
-                VERSION,
+                kind.group,
+                kind.version,
                 namespace,
-                PLURAL,
+                kind.plural,
                 name,
                 body=foreground,
                 _request_timeout=REQUEST_TIMEOUT,
@@ -263,7 +298,7 @@ def delete_all(connection: Connection, namespace: str, name: str, configmap: str
         )
     if not job_deleted and not cm_deleted:
         raise LaunchError(
-            f"PyTorchJob {namespace}/{name} and ConfigMap {configmap} do not exist (already "
+            f"{kind.kind} {namespace}/{name} and ConfigMap {configmap} do not exist (already "
             "cancelled, or removed by ttl_seconds_after_finished)"
         )
 
@@ -277,66 +312,104 @@ STATE_OF_CONDITION = {
     "Created": JobState.PENDING,
 }
 """The newest true PyTorchJob condition → the launcher's state."""
+HYPERPOD_STATE_OF_CONDITION = {
+    "Completed": JobState.COMPLETED,
+    "Failed": JobState.FAILED,
+    "Running": JobState.RUNNING,
+    "Restarting": JobState.RUNNING,
+    "Faulted": JobState.RUNNING,
+    "Starting": JobState.PENDING,
+    "Suspended": JobState.PENDING,
+    "Created": JobState.PENDING,
+}
+"""The newest true HyperPodPyTorchJob condition → the launcher's state: the condition types
+the HyperPod CLI and the operator's API name (``Completed`` or ``Failed`` end a job;
+``Faulted`` is a job the operator is recovering, so still live)."""
+STATES = {PYTORCHJOB.kind: STATE_OF_CONDITION, HYPERPOD_JOB.kind: HYPERPOD_STATE_OF_CONDITION}
 
 
 def state_from_conditions(
-    conditions: list[dict[str, Any]],
+    conditions: list[dict[str, Any]], states: dict[str, JobState] = STATE_OF_CONDITION
 ) -> tuple[JobState, dict[str, Any] | None]:
-    """Pure: our state and the deciding condition, from a job's ``status.conditions``."""
+    """Pure: our state and the deciding condition, from a job's ``status.conditions``
+    (``states``: its kind's condition types → states; a final one wins wherever it is)."""
     true = [c for c in conditions if str(c.get("status")) == "True"]
-    for kind in ("Succeeded", "Failed"):
-        final = next((c for c in true if c.get("type") == kind), None)
-        if final:
-            return STATE_OF_CONDITION[kind], final
+    for final in (JobState.COMPLETED, JobState.FAILED):
+        decided = next((c for c in true if states.get(str(c.get("type"))) == final), None)
+        if decided:
+            return final, decided
     if true:
-        return STATE_OF_CONDITION.get(str(true[-1].get("type")), JobState.UNKNOWN), true[-1]
+        return states.get(str(true[-1].get("type")), JobState.UNKNOWN), true[-1]
     return JobState.PENDING, None
 
 
-def job_status(connection: Connection, namespace: str, name: str) -> JobStatus:
+def job_status(connection: Connection, kind: JobKind, namespace: str, name: str) -> JobStatus:
     """The job's state from its conditions, plus the phase of each of its pods."""
     from kubernetes.client import ApiException
 
     job_id = f"{namespace}/{name}"
-    with reaching(connection, f"read PyTorchJob {job_id}"):
+    with reaching(connection, f"read {kind.kind} {job_id}"):
         try:
             obj = connection.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=REQUEST_TIMEOUT
+                kind.group,
+                kind.version,
+                namespace,
+                kind.plural,
+                name,
+                _request_timeout=REQUEST_TIMEOUT,
             )
         except ApiException as exc:
             if exc.status != 404:
-                message = f"reading PyTorchJob {job_id}: HTTP {exc.status} {exc.reason}"
+                message = f"reading {kind.kind} {job_id}: HTTP {exc.status} {exc.reason}"
                 raise LaunchError(message) from None
-            detail = "the PyTorchJob no longer exists (deleted, or its TTL expired)"
+            detail = f"the {kind.kind} no longer exists (deleted, or its TTL expired)"
             return JobStatus(JobState.UNKNOWN, {"job_id": job_id, "detail": detail})
-        pods = pod_phases(connection, namespace, name)
-    state, condition = state_from_conditions((obj.get("status") or {}).get("conditions") or [])
+        pods = pod_phases(connection, kind, namespace, name)
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    state, condition = state_from_conditions(conditions, STATES[kind.kind])
     details: dict[str, Any] = {"job_id": job_id}
+    if condition and state == JobState.UNKNOWN:
+        details["condition"] = condition.get("type")
     for key in ("reason", "message"):
         if condition and condition.get(key):
             details[key] = condition[key]
     return JobStatus(state, details | {"pods": pods})
 
 
-def pod_phases(connection: Connection, namespace: str, name: str) -> dict[str, str]:
+def pod_phases(connection: Connection, kind: JobKind, namespace: str, name: str) -> dict[str, str]:
     """``{pod name: phase}`` of the job's pods (by the operator's job-name label)."""
     pods = connection.core.list_namespaced_pod(
-        namespace, label_selector=f"{JOB_NAME_LABEL}={name}", _request_timeout=REQUEST_TIMEOUT
+        namespace, label_selector=f"{kind.pod_label}={name}", _request_timeout=REQUEST_TIMEOUT
     )
     return {p.metadata.name: (p.status and p.status.phase) or "Unknown" for p in pods.items}
 
 
 def master_pod(name: str) -> str:
-    """The operator names the master pod ``<job>-master-0``."""
+    """The Kubeflow operator names the master pod ``<job>-master-0``."""
     return f"{name}-master-0"
 
 
-def print_master_logs(
-    connection: Connection, namespace: str, name: str, follow: bool, tail: int | None
+def first_pod(connection: Connection, kind: JobKind, namespace: str, name: str) -> str | None:
+    """The pod whose log ``logs`` prints (rank 0's, where the adapter writes its metrics):
+    the PyTorchJob's master; of a HyperPodPyTorchJob's pods the one named ``...-0``, else
+    the first by name. None while the operator has made none."""
+    if kind is PYTORCHJOB:
+        return master_pod(name)
+    pods = sorted(pod_phases(connection, kind, namespace, name))
+    return next((pod for pod in pods if pod.endswith("-0")), pods[0] if pods else None)
+
+
+def print_logs(
+    connection: Connection,
+    kind: JobKind,
+    namespace: str,
+    name: str,
+    follow: bool,
+    tail: int | None,
 ) -> None:
-    """Print the master pod's log; with ``follow``, wait for the pod and stream until it ends."""
-    with reaching(connection, f"read the logs of {namespace}/{master_pod(name)}"):
-        response = _open_log(connection, namespace, name, follow, tail)
+    """Print the first pod's log; with ``follow``, wait for the pod and stream until it ends."""
+    with reaching(connection, f"read the logs of {kind.kind} {namespace}/{name}"):
+        response = _open_log(connection, kind, namespace, name, follow, tail)
         try:
             for chunk in response.stream(4096, decode_content=True):
                 sys.stdout.write(chunk.decode("utf-8", errors="replace"))
@@ -348,13 +421,26 @@ def print_master_logs(
 
 
 def _open_log(
-    connection: Connection, namespace: str, name: str, follow: bool, tail: int | None
+    connection: Connection,
+    kind: JobKind,
+    namespace: str,
+    name: str,
+    follow: bool,
+    tail: int | None,
 ) -> Any:
-    """The master's log stream; while following, wait until its container has started."""
+    """The first pod's log stream; while following, wait until its container has started."""
     from kubernetes.client import ApiException
 
-    pod = master_pod(name)
     while True:
+        pod = first_pod(connection, kind, namespace, name)
+        if pod is None:
+            if follow and job_status(connection, kind, namespace, name).state == JobState.PENDING:
+                time.sleep(POLL_SECONDS)
+                continue
+            raise LaunchError(
+                f"{kind.kind} {namespace}/{name} has no pods (yet); see `python -m launcher "
+                "status <run dir>`"
+            )
         try:
             return connection.core.read_namespaced_pod_log(
                 pod,
@@ -368,7 +454,8 @@ def _open_log(
         except ApiException as exc:
             # 400: the container is still being created; 404: the operator made no pod yet.
             waiting = follow and exc.status in (400, 404)
-            if not waiting or job_status(connection, namespace, name).state != JobState.PENDING:
+            state = job_status(connection, kind, namespace, name).state if waiting else None
+            if state != JobState.PENDING:
                 raise LaunchError(
                     f"no logs of pod {namespace}/{pod} (HTTP {exc.status} {exc.reason}); see "
                     "`python -m launcher status <run dir>`"

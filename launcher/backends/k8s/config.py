@@ -1,4 +1,4 @@
-"""The Kubernetes backend's cluster config (a PyTorchJob's scheduling, volumes, resources,
+"""The Kubernetes backend's cluster config (the job kind, its scheduling, volumes, resources,
 environment and restart policy) and its checks of the config alone (pure)."""
 
 from __future__ import annotations
@@ -138,11 +138,51 @@ class RestartPolicies:
 
 
 @dataclass(kw_only=True)
+class HyperPodSettings:
+    """What only a HyperPodPyTorchJob has: spare nodes and the training operator's restart
+    limits (``runPolicy.restartPolicy``)."""
+
+    spares: int = bounded(0, ge=0)
+    """Spare nodes Kueue reserves beside the job's (``replicaSpecs[].spares``), so that a
+    failed node's pod restarts on one at once."""
+    num_restart_before_full_job_restart: int | None = bounded(None, ge=0)
+    """Restarts of the failed pods alone before the operator restarts the whole job; null =
+    its default."""
+    max_full_job_restarts: int | None = bounded(None, ge=0)
+    """Whole-job restarts within ``eval_period_seconds`` before the job fails; null = its
+    default."""
+    eval_period_seconds: int | None = bounded(None, ge=1)
+    """The window the restart limits count in (required with either of them)."""
+
+    @rule("num_restart_before_full_job_restart", "max_full_job_restarts", "eval_period_seconds")
+    def _limits_have_a_window(self) -> list[Problem]:
+        limits = self.num_restart_before_full_job_restart, self.max_full_job_restarts
+        if self.eval_period_seconds is None and any(v is not None for v in limits):
+            message = "is required with the restart limits: the window they count restarts in"
+            return [Problem("eval_period_seconds", message)]
+        return []
+
+
+@dataclass(kw_only=True)
 class K8sCluster(ClusterConfig):
-    """A Kubernetes cluster with the Kubeflow training operator (PyTorchJob v1) installed."""
+    """A Kubernetes cluster with the Kubeflow training operator (PyTorchJob v1), or a HyperPod
+    EKS cluster with the HyperPod training operator (HyperPodPyTorchJob v1)."""
 
     type: str = "k8s"
     """Always ``k8s``."""
+    use_hyperpod_pytorch_job: bool = False
+    """Render a ``HyperPodPyTorchJob`` (sagemaker.amazonaws.com/v1) for the HyperPod training
+    operator (job auto-resume after node failures, health monitoring, Kueue task governance,
+    elastic scaling; the pods start ``hyperpodrun``) instead of a Kubeflow ``PyTorchJob``
+    (HyperPod recipes v2's key)."""
+    queue_name: str | None = None
+    """Kueue queue of the job (label ``kueue.x-k8s.io/queue-name``), e.g. HyperPod task
+    governance's ``hyperpod-ns-<team>-localqueue``; null = none."""
+    priority: str | None = None
+    """Kueue workload priority class of the job (label ``kueue.x-k8s.io/priority-class``),
+    e.g. ``<name>-priority``; null = the queue's default."""
+    hyperpod: HyperPodSettings = nested(HyperPodSettings)
+    """Spares and restart limits of a HyperPodPyTorchJob."""
     namespace: str = "default"
     """Namespace of the job, its ConfigMap and its pods."""
     kube_context: str | None = None
@@ -209,7 +249,7 @@ class K8sCluster(ClusterConfig):
     def _names_are_valid(self) -> list[Problem]:
         return _check_names(self)
 
-    @rule("labels", "annotations", "node_selector")
+    @rule("labels", "annotations", "node_selector", "queue_name", "priority")
     def _metadata_is_valid(self) -> list[Problem]:
         return _check_metadata(self)
 
@@ -305,12 +345,33 @@ def _check_label_map(key: str, mapping: dict[str, str], values: bool) -> list[Pr
     return problems
 
 
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+
+
+def kueue_labels(cluster: K8sCluster) -> dict[str, str]:
+    """The Kueue labels of the job object (``queue_name``, ``priority``)."""
+    labels = {QUEUE_LABEL: cluster.queue_name, PRIORITY_LABEL: cluster.priority}
+    return {k: v for k, v in labels.items() if v is not None}
+
+
 def _check_metadata(cluster: K8sCluster) -> list[Problem]:
-    return [
+    problems = [
         *_check_label_map("labels", cluster.labels, values=True),
         *_check_label_map("annotations", cluster.annotations, values=False),
         *_check_label_map("node_selector", cluster.node_selector, values=True),
     ]
+    for key, label in (("queue_name", QUEUE_LABEL), ("priority", PRIORITY_LABEL)):
+        value = getattr(cluster, key)
+        problem = None if value is None else label_value_problem(value)
+        if value == "":
+            problem = "is empty: give a name, or null for none"
+        if problem:
+            problems.append(Problem(key, problem))
+        if value is not None and label in cluster.labels:
+            message = f"also set as labels.{label}; keep one of the two, e.g. {key} alone"
+            problems.append(Problem(key, message))
+    return problems
 
 
 def _check_scheduling(cluster: K8sCluster) -> list[Problem]:

@@ -1,15 +1,17 @@
-"""Rendering a Kubernetes job (pure): a Kubeflow PyTorchJob, the ConfigMap its pods mount,
-and ``train.sh``."""
+"""Rendering a Kubernetes job (pure): a Kubeflow PyTorchJob or a HyperPodPyTorchJob
+(``cluster.use_hyperpod_pytorch_job``), the ConfigMap its pods mount, and ``train.sh``."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
 
 from adapter.config import parse_time_limit
+from adapter.elastic import ElasticPolicy
 from adapter.layout import RECIPE_FILE, TRAIN_SCRIPT
 from launcher.backends.base import Artifacts
 from launcher.backends.k8s.config import (
@@ -20,53 +22,116 @@ from launcher.backends.k8s.config import (
     LabelSelector,
     Toleration,
     cluster_of,
+    kueue_labels,
     user_volumes,
     volume_name,
 )
 from launcher.instances import instance_spec
 from launcher.job import Job
-from launcher.rendezvous import static
+from launcher.rendezvous import hyperpod, static
 from launcher.shell import cd_line, wrapped
 
-GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
-JOB_FILE = "pytorchjob.yaml"
+
+@dataclass(frozen=True)
+class JobKind:
+    """A custom resource that runs the job's pods, and what its operator names."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+    file: str
+    """Its manifest in the run dir."""
+    pod_label: str
+    """The label its operator puts on the job's pods, valued the job's name."""
+    operator: str
+    """What runs it, for error messages."""
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}"
+
+
+PYTORCHJOB = JobKind(
+    "kubeflow.org",
+    "v1",
+    "pytorchjobs",
+    "PyTorchJob",
+    "pytorchjob.yaml",
+    "training.kubeflow.org/job-name",
+    "the Kubeflow training operator",
+)
+HYPERPOD_JOB = JobKind(
+    "sagemaker.amazonaws.com",
+    "v1",
+    "hyperpodpytorchjobs",
+    "HyperPodPyTorchJob",
+    "hyperpodpytorchjob.yaml",
+    "HPJob",
+    "the HyperPod training operator (EKS add-on amazon-sagemaker-hyperpod-training-operator)",
+)
+JOB_KINDS = {kind.kind: kind for kind in (PYTORCHJOB, HYPERPOD_JOB)}
+"""By the ``job_kind`` the launch record holds (records without one: PyTorchJob)."""
 CONFIGMAP_FILE = "configmap.yaml"
 CONTAINER = "pytorch"
-"""The operator injects its env vars into the container with this name only."""
+"""The Kubeflow operator injects its env vars into the container with this name only."""
 PORT_NAME = "pytorchjob-port"
 """The operator reads ``MASTER_PORT`` from the master's container port with this name."""
+AGENT_PORT = 8080
+"""Where the HyperPod elastic agent (``hyperpodrun``) serves the training operator."""
+HYPERPODRUN = "hyperpodrun"
+"""The HyperPod elastic agent's launcher (PyPI ``hyperpod-elastic-agent``, in the image)."""
+REPLICA_NAME = "pod"
+"""The one replica set of a HyperPodPyTorchJob (every node runs the same pod), named as the
+HyperPod CLI names it: the operator names the pods ``<job>-pod-<i>``."""
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
 
 
+def job_kind(cluster: K8sCluster) -> JobKind:
+    """The resource this cluster config renders (``use_hyperpod_pytorch_job``)."""
+    return HYPERPOD_JOB if cluster.use_hyperpod_pytorch_job else PYTORCHJOB
+
+
 def artifacts(job: Job) -> Artifacts:
-    """The ConfigMap (recipe and train.sh), the PyTorchJob, and train.sh beside them."""
+    """The ConfigMap (recipe and train.sh), the job, and train.sh beside them."""
     cluster = cluster_of(job)
+    kind = job_kind(cluster)
     recipe = pod_recipe(job, cluster)
-    apply = f"kubectl apply -f {CONFIGMAP_FILE} -f {JOB_FILE}  (in the run dir)"
+    apply = f"kubectl apply -f {CONFIGMAP_FILE} -f {kind.file}  (in the run dir)"
+    render_job = render_hyperpodjob if kind is HYPERPOD_JOB else render_pytorchjob
     files = {
         CONFIGMAP_FILE: manifest_text(
             f"Recipe and per-node script of run {job.name}, mounted at {RECIPE_MOUNT}.\n"
             f"Apply by hand: {apply}",
             render_configmap(job, cluster, _dump_recipe(recipe)),
         ),
-        JOB_FILE: manifest_text(
-            f"Run {job.name}: {job.num_nodes} pod(s) x {job.devices} rank(s), rendered by "
+        kind.file: manifest_text(
+            f"Run {job.name}: {nodes_text(job)} pod(s) x {job.devices} rank(s), rendered by "
             f"the recipe launcher.\nApply by hand: {apply}",
-            render_pytorchjob(job, cluster),
+            render_job(job, cluster),
         ),
         TRAIN_SCRIPT: render_train_sh(job, cluster),
     }
     record = {
         "namespace": cluster.namespace,
         "job_name": k8s_name(job),
+        "job_kind": kind.kind,
         "configmap": configmap_name(job),
         "kube_context": cluster.kube_context,
         "kubeconfig": cluster.kubeconfig,
         "in_cluster": cluster.in_cluster,
-        "manifests": [str(job.run_dir / CONFIGMAP_FILE), str(job.run_dir / JOB_FILE)],
+        "manifests": [str(job.run_dir / CONFIGMAP_FILE), str(job.run_dir / kind.file)],
     }
     return Artifacts(files=files, recipe=recipe, command=node_command(job), record=record)
+
+
+def nodes_text(job: Job) -> str:
+    """``2``, or ``2 (elastic 1-3)``."""
+    elastic = job.workload.elastic
+    if elastic is None:
+        return str(job.num_nodes)
+    return f"{job.num_nodes} (elastic {elastic.min_nodes}-{elastic.max_nodes})"
 
 
 def k8s_name(job: Job) -> str:
@@ -100,9 +165,16 @@ def pod_recipe(job: Job, cluster: K8sCluster) -> dict[str, Any]:
 
 
 def node_command(job: Job) -> list[str]:
-    """torchrun in one pod, at the rendezvous the training operator sets in the environment."""
+    """The processes of one pod: torchrun at the rendezvous the Kubeflow operator sets in the
+    environment, or hyperpodrun, whose rendezvous the HyperPod operator runs."""
+    recipe = f"{RECIPE_MOUNT}/{RECIPE_FILE}"
+    if job_kind(cluster_of(job)) is HYPERPOD_JOB:
+        elastic = job.workload.elastic
+        low, high = (elastic.min_nodes, elastic.max_nodes) if elastic else (None, None)
+        rdzv = hyperpod(low or job.num_nodes, high or job.num_nodes, job.devices)
+        return job.workload.node_command(rdzv, recipe, HYPERPODRUN)
     rdzv = static(job.num_nodes, job.devices, "$RANK", "$MASTER_ADDR", "$MASTER_PORT")
-    return job.workload.node_command(rdzv, f"{RECIPE_MOUNT}/{RECIPE_FILE}")
+    return job.workload.node_command(rdzv, recipe)
 
 
 TRAIN_SH = """\
@@ -116,25 +188,42 @@ echo "pod $(hostname): node rank $RANK of {nodes}, master $MASTER_ADDR:$MASTER_P
 {cd}exec {command}
 """
 
+HYPERPOD_TRAIN_SH = """\
+#!/usr/bin/env bash
+# Per-node command of run {name} (k8s backend). Every pod of HyperPodPyTorchJob
+# {job} runs it from ConfigMap {configmap} (mounted at {mount}).
+# hyperpodrun (the HyperPod elastic agent, pip install hyperpod-elastic-agent in the image)
+# starts the ranks; the HyperPod training operator assigns the nodes their ranks, restarts
+# them after a fault and, for an elastic job, restarts them on another number of nodes.
+# exec: hyperpodrun is the container's first process and gets its SIGTERM.
+set -euo pipefail
+echo "pod $(hostname): {nodes} node(s) of {devices} rank(s), rendezvous by the operator"
+{cd}exec {command}
+"""
+
 
 def render_train_sh(job: Job, cluster: K8sCluster) -> str:
-    return TRAIN_SH.format(
+    template = HYPERPOD_TRAIN_SH if job_kind(cluster) is HYPERPOD_JOB else TRAIN_SH
+    return template.format(
         name=job.name,
         job=f"{cluster.namespace}/{k8s_name(job)}",
         configmap=configmap_name(job),
         mount=RECIPE_MOUNT,
-        nodes=job.num_nodes,
+        nodes=nodes_text(job),
+        devices=job.devices,
         cd=cd_line(job.workdir),
         command=wrapped(node_command(job)),
     )
 
 
-def metadata(job: Job, cluster: K8sCluster, name: str) -> dict[str, Any]:
-    """Object metadata shared by the job and the ConfigMap."""
+def metadata(
+    job: Job, cluster: K8sCluster, name: str, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Object metadata shared by the job and the ConfigMap (``labels`` added)."""
     meta: dict[str, Any] = {
         "name": name,
         "namespace": cluster.namespace,
-        "labels": common_labels(job, cluster),
+        "labels": common_labels(job, cluster) | (labels or {}),
     }
     if cluster.annotations:
         meta["annotations"] = dict(cluster.annotations)
@@ -257,8 +346,9 @@ def toleration(t: Toleration) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def pod_template(job: Job, cluster: K8sCluster) -> dict[str, Any]:
-    """The pod every replica runs (master and workers differ only in the operator's env)."""
+def pod_template(job: Job, cluster: K8sCluster, port: dict[str, Any]) -> dict[str, Any]:
+    """The pod every replica runs (master and workers differ only in the operator's env),
+    with the container ``port`` its operator talks to."""
     volumes, mounts = volumes_and_mounts(job, cluster)
     container = {
         "name": CONTAINER,
@@ -266,7 +356,7 @@ def pod_template(job: Job, cluster: K8sCluster) -> dict[str, Any]:
         "imagePullPolicy": cluster.image_pull_policy,
         "command": ["bash", f"{RECIPE_MOUNT}/{TRAIN_SCRIPT}"],
         "env": container_env(job, cluster),
-        "ports": [{"name": PORT_NAME, "containerPort": cluster.master_port, "protocol": "TCP"}],
+        "ports": [dict(port)],
         "resources": container_resources(job, cluster),
         "volumeMounts": mounts,
     }
@@ -303,29 +393,96 @@ def run_policy(job: Job, cluster: K8sCluster) -> dict[str, Any]:
 
 
 def render_pytorchjob(job: Job, cluster: K8sCluster) -> dict[str, Any]:
+    port = {"name": PORT_NAME, "containerPort": cluster.master_port, "protocol": "TCP"}
     replicas = {
         "Master": {
             "replicas": 1,
             "restartPolicy": cluster.restart_policy.master,
-            "template": pod_template(job, cluster),
+            "template": pod_template(job, cluster, port),
         }
     }
     if job.num_nodes > 1:
         replicas["Worker"] = {
             "replicas": job.num_nodes - 1,
             "restartPolicy": cluster.restart_policy.worker,
-            "template": pod_template(job, cluster),
+            "template": pod_template(job, cluster, port),
         }
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": KIND,
-        "metadata": metadata(job, cluster, k8s_name(job)),
+        "apiVersion": PYTORCHJOB.api_version,
+        "kind": PYTORCHJOB.kind,
+        "metadata": metadata(job, cluster, k8s_name(job), kueue_labels(cluster)),
         "spec": {
             "nprocPerNode": str(job.devices),
             "runPolicy": run_policy(job, cluster),
             "pytorchReplicaSpecs": replicas,
         },
     }
+
+
+# --- the HyperPodPyTorchJob -------------------------------------------------------------
+
+
+def render_hyperpodjob(job: Job, cluster: K8sCluster) -> dict[str, Any]:
+    """One replica set of ``trainer.num_nodes`` identical pods (up to ``max_nodes`` when
+    elastic) for the HyperPod training operator, which assigns their ranks."""
+    port = {"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}
+    replica: dict[str, Any] = {"name": REPLICA_NAME, "replicas": job.num_nodes}
+    elastic = job.workload.elastic
+    if elastic is not None:
+        replica["maxReplicas"] = elastic.max_nodes
+    if cluster.hyperpod.spares:
+        replica["spares"] = cluster.hyperpod.spares
+    replica["template"] = pod_template(job, cluster, port)
+    spec: dict[str, Any] = {
+        "nprocPerNode": str(job.devices),
+        "replicaSpecs": [replica],
+        "runPolicy": hyperpod_run_policy(job, cluster),
+    }
+    if elastic is not None:
+        spec["elasticPolicy"] = elastic_policy(elastic)
+    return {
+        "apiVersion": HYPERPOD_JOB.api_version,
+        "kind": HYPERPOD_JOB.kind,
+        "metadata": metadata(job, cluster, k8s_name(job), kueue_labels(cluster)),
+        "spec": spec,
+    }
+
+
+def hyperpod_run_policy(job: Job, cluster: K8sCluster) -> dict[str, Any]:
+    """Cleanup, job retries (``backoff_limit``), the restart limits, TTL and deadline."""
+    policy: dict[str, Any] = {"cleanPodPolicy": cluster.clean_pod_policy}
+    deadline = parse_time_limit(job.workload.time_limit)
+    if deadline:
+        policy["activeDeadlineSeconds"] = deadline
+    if cluster.backoff_limit is not None:
+        policy["jobMaxRetryCount"] = cluster.backoff_limit
+    settings = cluster.hyperpod
+    restarts = {
+        "evalPeriodSeconds": settings.eval_period_seconds,
+        "maxFullJobRestarts": settings.max_full_job_restarts,
+        "numRestartBeforeFullJobRestart": settings.num_restart_before_full_job_restart,
+    }
+    if settings.eval_period_seconds is not None:
+        policy["restartPolicy"] = {k: v for k, v in restarts.items() if v is not None}
+    # The operator deletes a finished job at once by default; -1 keeps it, as null says.
+    ttl = cluster.ttl_seconds_after_finished
+    policy["ttlSecondsAfterFinished"] = -1 if ttl is None else ttl
+    return policy
+
+
+def elastic_policy(elastic: ElasticPolicy) -> dict[str, Any]:
+    """The operator's ``elasticPolicy`` from the recipe's ``elastic_policy``."""
+    policy: dict[str, Any] = {"minReplicas": elastic.min_nodes, "maxReplicas": elastic.max_nodes}
+    if elastic.node_counts is not None:
+        policy["replicaDiscreteValues"] = list(elastic.node_counts)
+    else:
+        policy["replicaIncrementStep"] = elastic.replica_increment_step or 1
+    timeouts = {
+        "scalingTimeoutInSeconds": elastic.scaling_timeout,
+        "gracefulShutdownTimeoutInSeconds": elastic.graceful_shutdown_timeout,
+        "faultyScaleDownTimeoutInSeconds": elastic.faulty_timeout,
+    }
+    return policy | {k: v for k, v in timeouts.items() if v is not None}
 
 
 class _ManifestDumper(yaml.SafeDumper):
