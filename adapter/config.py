@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from adapter.durations import DURATION, parse_time_limit
 from adapter.elastic import ElasticPolicy, batch_problems, world_size_problems
 from adapter.families import FAMILIES, GENERIC_ARCH_KEYS, REMOTE_CODE, unknown_family
 from adapter.objectives import OBJECTIVES, unknown_objective
@@ -32,7 +33,6 @@ TEMPLATED = ("prompt_response", "preference")
 PROMPT_LEARNING = ("prefix_tuning", "p_tuning", "prompt_tuning")
 """PEFT methods that prepend virtual tokens to every sequence."""
 
-DURATION = re.compile(r"^\s*(\d+)\s*(ep|ba)\s*$")
 
 MPT_PROMPT_TEMPLATE = (
     "Write a response that appropriately answers the question below.\n"
@@ -591,25 +591,3 @@ def recipe_hash(recipe: Recipe, keys: tuple[str, ...] = ("model",)) -> str:
     data = to_dict(recipe)
     picked = {k: data[k] for k in keys}
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def parse_time_limit(text: str) -> int | None:
-    """Seconds in a Slurm-style ``[D-]HH:MM:SS`` (or ``MM:SS``) limit; None if malformed."""
-    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", str(text).strip())
-    if not match:
-        return None
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    if minutes >= 60 or seconds >= 60:
-        return None
-    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-
-
-def parse_duration(value: int | str, steps_per_epoch: int) -> int:
-    """Optimizer steps in ``value``: an int is steps, ``Nep`` epochs, ``Nba`` batches (steps)."""
-    if isinstance(value, int):
-        return value
-    match = DURATION.match(value)
-    if match is None:
-        raise ValueError(f"bad duration {value!r}")
-    count, unit = int(match.group(1)), match.group(2)
-    return count * steps_per_epoch if unit == "ep" else count

@@ -24,10 +24,11 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from adapter.attention import NAME as DOCUMENT_ATTENTION
 from adapter.build import build_training_model, frozen_builder
 from adapter.checkpoint import CheckpointManager, ModelOptimizerState, RunInfo, describe_run
-from adapter.config import Recipe, TrainerConfig, parse_duration
+from adapter.config import Recipe, TrainerConfig
 from adapter.data.formats import DataError
 from adapter.data.loader import GlobalBatchSampler, eval_batches
 from adapter.distributed import DistEnv, fail_together, gather_objects, init_distributed
+from adapter.durations import parse_duration
 from adapter.export import ExportSchedule
 from adapter.generation import generate
 from adapter.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
