@@ -201,10 +201,13 @@ def cpu_idle_share(seconds: float = 1.0) -> float:
     return (idle1 - idle0) / max(1, total1 - total0)
 
 
-def wait_for_quiet(min_idle: float = 0.7, timeout: float = 120.0) -> float:
-    """Wait (up to ``timeout`` s) until others leave ``min_idle`` of the CPUs idle; returns the
-    idle share last seen. On a shared machine this keeps a burst of someone else's work
-    from landing inside one side's timed run (it is recorded with every run either way)."""
+def wait_for_quiet(min_idle: float = 0.7, timeout: float | None = None) -> float:
+    """Wait (up to ``timeout`` s, default ``$BENCH_QUIET_WAIT_S`` or 120) until others leave
+    ``min_idle`` of the CPUs idle; returns the idle share last seen. On a shared machine this
+    keeps a burst of someone else's work from landing inside one side's timed run (it is
+    recorded with every run either way)."""
+    if timeout is None:
+        timeout = float(os.environ.get("BENCH_QUIET_WAIT_S", "120"))
     deadline = time.monotonic() + timeout
     idle = cpu_idle_share()
     while idle < min_idle and time.monotonic() < deadline:
