@@ -186,7 +186,7 @@ def test_rehearsal_skips_the_gpu_parts_saying_why(rehearsal: dict[str, Path]) ->
     assert parts["perf_eager"]["reason"].startswith("throughput and MFU mean something on a GPU")
     for name in NOT_AVAILABLE:
         assert parts[name]["status"] == "not_available" and parts[name]["reason"], name
-    assert parts["dpo_step"]["reason"] == "the adapter has no DPO training yet (nothing to run)"
+    assert parts["dpo_step"]["reason"] == "not written yet (DPO is measured on CPU by bench dpo)"
 
 
 def test_rehearsal_runs_the_checks_on_cpu_and_they_pass(rehearsal: dict[str, Path]) -> None:

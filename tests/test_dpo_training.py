@@ -172,8 +172,13 @@ def test_adapters_off_is_the_frozen_copy_and_every_reference_trains_alike(
 
 
 # --- the demo: SFT, then DPO from its export, as a user runs them ------------------------
-SFT_STEPS = 300
-"""The SFT demo shortened (it trains 1000 steps); the DPO demo runs as shipped."""
+SFT_OVERRIDES = (
+    "recipes.trainer.val_check_interval=0",
+    "recipes.exp_manager.checkpoint_callback_params.every_n_train_steps=0",
+)
+"""The SFT demo as shipped (its 1000 steps: shorter runs leave a model whose mistakes DPO
+separates less well, measured: 0.89-0.90 eval reward accuracy after 300 or 500 SFT steps,
+0.91 after 1000), without its evals and checkpoints; the DPO demo runs as shipped."""
 QUIET = ("recipes.exp_manager.create_tensorboard_logger=false",)
 ACCURACY = re.compile(
     r"greedy answers right on (\d+) held-out prompts: ([\d.]+)% before DPO \(the initial "
@@ -183,14 +188,12 @@ ACCURACY = re.compile(
 
 @pytest.fixture(scope="module")
 def sft_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The results dir holding a shortened SFT demo's export (``tiny_llama_sft/hf_model``)."""
+    """The results dir holding the SFT demo's export (``tiny_llama_sft/hf_model``)."""
     results = tmp_path_factory.mktemp("demo") / "results"
     run_main(
         "recipes=tiny_llama_sft",
         f"base_results_dir={results}",
-        f"recipes.trainer.max_steps={SFT_STEPS}",
-        "recipes.trainer.val_check_interval=0",
-        "recipes.exp_manager.checkpoint_callback_params.every_n_train_steps=0",
+        *SFT_OVERRIDES,
         *QUIET,
         check=True,
     )
