@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from adapter.data.config import DataConfig
+from adapter.durations import DURATION, parse_time_limit
 from adapter.elastic import ElasticPolicy, batch_problems, world_size_problems
 from adapter.families import (
     FAMILIES,
@@ -24,22 +26,15 @@ from adapter.families import (
     unknown_family,
 )
 from adapter.objectives import OBJECTIVES, unknown_objective
+from adapter.objectives.dpo_config import DPOConfig, dpo_problems
 from adapter.schema import ConfigError, Problem, bounded, load, nested, rule, to_dict
 
 Precision = Literal["32", "bf16", "16"]
 ShardingStrategy = Literal["full_shard", "hybrid_shard", "shard_grad_op", "no_shard"]
 PeftType = Literal[None, "lora", "qlora_4bit", "prefix_tuning", "p_tuning", "prompt_tuning"]
-DatasetType = Literal["prompt_response", "alpaca", "chat", "chatglm", "hf", "text"]
 SchedName = Literal["cosine", "linear", "constant"]
 PROMPT_LEARNING = ("prefix_tuning", "p_tuning", "prompt_tuning")
 """PEFT methods that prepend virtual tokens to every sequence."""
-
-DURATION = re.compile(r"^\s*(\d+)\s*(ep|ba)\s*$")
-
-MPT_PROMPT_TEMPLATE = (
-    "Write a response that appropriately answers the question below.\n"
-    "### Question:\n{prompt}\n\n### Response:\n"
-)
 
 
 @dataclass(kw_only=True)
@@ -86,6 +81,9 @@ class TrainerConfig:
     """Evaluate every N optimizer steps, or a duration (``1ep``, ``500ba``); 0 = end only."""
     limit_val_batches: int = bounded(0, ge=0)
     """Evaluate on at most this many micro-batches per rank; 0 = the whole validation set."""
+    eval_on_start: bool = False
+    """Also evaluate before the first step (step 0) of a run that starts from the beginning:
+    the eval metrics of the initial model."""
     log_every_n_steps: int = bounded(10, ge=1)
     """Print/record metrics every N optimizer steps."""
     stop_grace_s: int = bounded(120, ge=1, le=65535)
@@ -241,66 +239,6 @@ class PeftConfig:
 
 
 @dataclass(kw_only=True)
-class DataConfig:
-    """The training and validation data (``model.data``): where it is, its format, how
-    prompts are templated and masked, packing, bad rows."""
-
-    dataset_type: DatasetType = "prompt_response"
-    """Format of the files in ``train_dir`` / ``val_dir``."""
-    train_dir: str | None = None
-    """Training data: a file or a directory of files (SageMaker: the channel dir)."""
-    val_dir: str | None = None
-    """Validation data; null = no eval, or ``val_split`` of the training data."""
-    val_split: float = bounded(0.0, ge=0.0, lt=1.0)
-    """Fraction of the training data held out for eval when ``val_dir`` is null."""
-    prompt_template: str | None = None
-    """Template with ``{prompt}`` for prompt_response (default: the MPT question/response one)."""
-    train_on_prompt: bool = False
-    """Compute the loss on prompt tokens too (default: response tokens only)."""
-    packing: bool = False
-    """Pack several samples per sequence (attention and positions confined to each sample)."""
-    skip_bad_rows: bool = False
-    """Skip malformed rows (counted in the log) instead of failing before training."""
-    synthetic: Literal[None, "arithmetic"] = None
-    """Generate a deterministic demo dataset instead of reading ``train_dir`` (tiny demos)."""
-    num_synthetic_samples: int = bounded(4000, ge=10)
-    """Rows the synthetic generator makes (a tenth more are made for validation)."""
-    num_workers: int = bounded(0, ge=0)
-    """DataLoader worker processes per rank."""
-
-    @rule("synthetic", "train_dir")
-    def _one_source(self) -> list[Problem]:
-        if self.synthetic is None and self.train_dir is None:
-            message = "is required (a file or directory), or set model.data.synthetic"
-            return [Problem("train_dir", message)]
-        if self.synthetic is not None and self.train_dir is not None:
-            message = "can't provide both train_dir and synthetic. Choose one."
-            return [Problem("synthetic", message)]
-        return []
-
-    @rule("prompt_template", "dataset_type", "synthetic")
-    def _template_fits(self) -> list[Problem]:
-        template = self.prompt_template
-        if template is None:
-            return []
-        if self.dataset_type != "prompt_response" and self.synthetic is None:
-            return [
-                Problem(
-                    "prompt_template",
-                    f"applies to dataset_type=prompt_response only (this is "
-                    f"{self.dataset_type}, which has its own template); remove it",
-                )
-            ]
-        try:
-            template.format(prompt="")
-        except (KeyError, IndexError, ValueError) as exc:
-            return [Problem("prompt_template", f"{template!r} isn't a valid template ({exc!r})")]
-        if "{prompt}" not in template:
-            return [Problem("prompt_template", f"{template!r} has no {{prompt}} placeholder")]
-        return []
-
-
-@dataclass(kw_only=True)
 class ModelConfig:
     """The model and how it is trained (``model``): pretrained weights or a random-init
     architecture, objective, batch sizes, parallelism, optimizer, PEFT and data."""
@@ -316,7 +254,7 @@ class ModelConfig:
     """Allow models whose code lives in their repo (ChatGLM-6B)."""
     objective: str = "sft"
     """Training objective, from ``adapter.objectives``: ``sft`` (supervised fine-tuning and
-    continued pretraining)."""
+    continued pretraining) or ``dpo`` (preference pairs, ``model.dpo``)."""
     max_context_width: int = bounded(2048, ge=8)
     """Sequence length in tokens (longer samples are truncated)."""
     train_batch_size: int = bounded(1, ge=1)
@@ -373,6 +311,8 @@ class ModelConfig:
     """Parameter-efficient fine-tuning."""
     data: DataConfig = nested(DataConfig)
     """Training and validation data."""
+    dpo: DPOConfig = nested(DPOConfig)
+    """Direct preference optimisation (``model.objective=dpo``)."""
 
     @rule("max_context_width", "max_position_embeddings")
     def _context_fits_positions(self) -> list[Problem]:
@@ -409,6 +349,12 @@ class ModelConfig:
         if self.objective in OBJECTIVES:
             return []
         return [Problem("objective", unknown_objective(self.objective))]
+
+    @rule(
+        "objective", "dpo", "data", "peft.peft_type", "max_context_width", "hf_model_name_or_path"
+    )
+    def _dpo_fits(self) -> list[Problem]:
+        return dpo_problems(self)
 
     @rule("hidden_size", "num_attention_heads")
     def _heads_divide_width(self) -> list[Problem]:
@@ -608,25 +554,3 @@ def recipe_hash(recipe: Recipe, keys: tuple[str, ...] = ("model",)) -> str:
     data = to_dict(recipe)
     picked = {k: data[k] for k in keys}
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def parse_time_limit(text: str) -> int | None:
-    """Seconds in a Slurm-style ``[D-]HH:MM:SS`` (or ``MM:SS``) limit; None if malformed."""
-    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", str(text).strip())
-    if not match:
-        return None
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    if minutes >= 60 or seconds >= 60:
-        return None
-    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-
-
-def parse_duration(value: int | str, steps_per_epoch: int) -> int:
-    """Optimizer steps in ``value``: an int is steps, ``Nep`` epochs, ``Nba`` batches (steps)."""
-    if isinstance(value, int):
-        return value
-    match = DURATION.match(value)
-    if match is None:
-        raise ValueError(f"bad duration {value!r}")
-    count, unit = int(match.group(1)), match.group(2)
-    return count * steps_per_epoch if unit == "ep" else count

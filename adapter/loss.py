@@ -8,17 +8,26 @@ states and of the LM-head weight inside the forward (softmax − one-hot, two ma
 chunk), so nothing vocabulary-sized outlives a chunk and no logits are recomputed.
 Prompt and padding positions (label ``IGNORE_INDEX``) cost no LM-head FLOPs at all.
 
-To use it in a Hugging Face model without changing how the model is called, sharded or
+Preference objectives need each sequence's summed log-probability of its labels instead,
+with a gradient per sequence that is known only after the loss of every sequence is:
+``linear_sequence_log_probs`` computes them chunk by chunk in the forward and recomputes a
+chunk's logits in the backward (one more LM-head matmul than the plain path, and still
+nothing vocabulary-sized beyond a chunk).
+
+To use them in a Hugging Face model without changing how the model is called, sharded or
 saved, ``install_loss_head`` swaps its ``lm_head`` ``nn.Linear`` for an ``LMHead`` holding
 the *same* weight parameter (same name ``lm_head.weight``, ties kept). While
-``computing_loss`` is active the head returns the loss instead of logits; otherwise it
-projects as before (evaluation samples, generation).
+``computing_loss`` (or ``computing_log_probs``) is active the head returns the loss (the
+per-sequence log-probabilities) instead of logits; otherwise it projects as before
+(evaluation samples, generation). Either way it runs inside the model's forward, where
+FSDP2 has the weight unsharded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,8 +54,12 @@ class LMHead(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.labels: torch.Tensor | None = None
+        self.sequences: SequenceLabels | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.sequences is not None:
+            hidden = last_positions(hidden, self.sequences.labels.shape[1])
+            return linear_sequence_log_probs(hidden, self.weight, self.sequences)
         if self.labels is None:
             return functional.linear(hidden, self.weight)
         hidden = last_positions(hidden, self.labels.shape[1])
@@ -86,6 +99,37 @@ def computing_loss(head: LMHead, labels: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         head.labels = None
+
+
+@dataclass(frozen=True)
+class SequenceLabels:
+    """Labels of several sequences in one batch, and which sequence each belongs to."""
+
+    labels: torch.Tensor
+    """(rows, length) token ids, ``IGNORE_INDEX`` where nothing is scored."""
+    sequence_ids: torch.Tensor
+    """(rows, length): the sequence (0 … ``count`` − 1) each labelled token belongs to; any
+    value where the label is ``IGNORE_INDEX``. Packed rows hold several sequences."""
+    count: int
+    """Sequences in the batch: the length of the result."""
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flattened positions that predict a label, the labels, and their sequences."""
+        targets = shifted_targets(self.labels)
+        owners = functional.pad(self.sequence_ids[:, 1:], (0, 1), value=0).flatten()
+        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        return rows, targets.index_select(0, rows), owners.index_select(0, rows)
+
+
+@contextmanager
+def computing_log_probs(head: LMHead, sequences: SequenceLabels) -> Iterator[None]:
+    """While active, the model's "logits" are each sequence's summed log-probability of its
+    labels (fp32, shape (count,)), computed inside the model's forward."""
+    head.sequences = sequences
+    try:
+        yield
+    finally:
+        head.sequences = None
 
 
 def last_positions(outputs: torch.Tensor, length: int) -> torch.Tensor:
@@ -195,3 +239,103 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None
+
+
+# --- per-sequence log-probabilities ----------------------------------------------------------
+def linear_sequence_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, sequences: SequenceLabels
+) -> torch.Tensor:
+    """Each sequence's summed next-token log-probability of its labels under ``hidden @
+    weight.T`` (fp32, shape (count,)); the log-softmax in fp32 whatever the compute dtype.
+    Equals ``sequence_log_probs(functional.linear(hidden, weight), sequences)``."""
+    rows, targets, owners = sequences.targets()
+    flat = hidden.flatten(0, 1)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearSequenceLogProbs.apply(flat, weight, rows, targets, owners, sequences.count)
+    with torch.no_grad():
+        selected = flat.index_select(0, rows)
+        return _chunked_log_probs(selected, weight, targets, owners, sequences.count)
+
+
+def sequence_log_probs(logits: torch.Tensor, sequences: SequenceLabels) -> torch.Tensor:
+    """``linear_sequence_log_probs`` from logits (models whose head can't be swapped): the
+    labelled positions only, upcast to fp32."""
+    rows, targets, owners = sequences.targets()
+    selected = logits.flatten(0, 1).index_select(0, rows).float()
+    token = selected.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    total = torch.zeros(sequences.count, dtype=torch.float32, device=logits.device)
+    return total.index_add(0, owners, token)
+
+
+def _chunk_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits of one chunk and each row's log-probability of its target."""
+    logits = (hidden @ weight.t()).float()
+    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return logits, picked - torch.logsumexp(logits, dim=-1)
+
+
+def _chunked_log_probs(
+    selected: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    owners: torch.Tensor,
+    count: int,
+) -> torch.Tensor:
+    total = torch.zeros(count, dtype=torch.float32, device=selected.device)
+    pieces = zip(*(t.split(CHUNK_TOKENS) for t in (selected, targets, owners)), strict=True)
+    for h, y, owner in pieces:
+        total.index_add_(0, owner, _chunk_log_probs(h, weight, y)[1])
+    return total
+
+
+class _LinearSequenceLogProbs(torch.autograd.Function):
+    """Per-sequence log-probabilities chunk by chunk; the backward recomputes each chunk's
+    logits, scales (one-hot − softmax) by its sequence's upstream gradient and projects it
+    back, so no (tokens × vocabulary) tensor is kept between forward and backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        rows: torch.Tensor,
+        targets: torch.Tensor,
+        owners: torch.Tensor,
+        count: int,
+    ) -> torch.Tensor:
+        selected = hidden.index_select(0, rows)
+        ctx.save_for_backward(selected, weight, rows, targets, owners)
+        ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
+        return _chunked_log_probs(selected, weight, targets, owners, count)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        selected, weight, rows, targets, owners = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        upstream = grad_output.float().index_select(0, owners)
+        grad_selected = torch.empty_like(selected) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        start = 0
+        pieces = (t.split(CHUNK_TOKENS) for t in (selected, targets, upstream))
+        for h, y, g in zip(*pieces, strict=True):
+            logits = (h @ weight.t()).float()
+            # d(log p(y))/d(logits) = one-hot − softmax, times the sequence's gradient.
+            grad_logits = logits.softmax(-1).mul_(-g.unsqueeze(1))
+            grad_logits[torch.arange(len(y), device=y.device), y] += g
+            grad_logits = grad_logits.to(weight.dtype)
+            if grad_selected is not None:
+                torch.mm(grad_logits, weight, out=grad_selected[start : start + len(y)])
+            if grad_weight is not None and grad_weight.dtype == weight.dtype:
+                grad_weight.addmm_(grad_logits.t(), h)
+            elif grad_weight is not None:
+                grad_weight.add_(grad_logits.t() @ h)
+            start += len(y)
+        grad_hidden = None
+        if grad_selected is not None:
+            zeros = torch.zeros(ctx.hidden_shape, dtype=ctx.hidden_dtype, device=selected.device)
+            grad_hidden = zeros.index_copy_(0, rows, grad_selected)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None

@@ -30,10 +30,11 @@ from adapter.checkpoint import (
     describe_run,
     newest_complete,
 )
-from adapter.config import Recipe, TrainerConfig, parse_duration
+from adapter.config import Recipe, TrainerConfig
 from adapter.data.formats import DataError
 from adapter.data.loader import GlobalBatchSampler, eval_batches
 from adapter.distributed import DistEnv, fail_together, gather_objects, init_distributed
+from adapter.durations import parse_duration
 from adapter.export import ExportSchedule
 from adapter.faults import NonFiniteGuard, prepare_nccl_dumps
 from adapter.generation import generate
@@ -154,6 +155,8 @@ class Trainer:
         self._resume()
         first_step = self.metrics.first_step = self.state.step
         eval_every = self._eval_interval()
+        if self.recipe.trainer.eval_on_start and self.data.val and first_step == 0:
+            self.evaluate()
         start = window_start = time.monotonic()
         window_tokens = window_steps = 0
         with self.stop.deferred():
@@ -188,6 +191,8 @@ class Trainer:
                 f"in {elapsed:.1f}s"
             )
             self._show_samples()
+            for line in self.objective.final_report(self.model):
+                self.metrics.info(line)
         self.metrics.close()
         self.metrics.info(f"results: {self.exp_dir}")
 

@@ -54,6 +54,8 @@ class Timed:
     stderr: str = ""
     marks: dict[str, float] = field(default_factory=dict)
     """Seconds from the start until the first output line starting with each watched prefix."""
+    peak_rss_mb: float | None = None
+    """Peak resident set of the largest process of the run (one rank under torchrun)."""
 
     def check(self, what: str) -> Timed:
         if self.returncode != 0:
@@ -93,11 +95,17 @@ def run_timed(
         for prefix in watch:
             if prefix not in marks and line.startswith(prefix):
                 marks[prefix] = time.perf_counter() - start
-    returncode = process.wait(timeout=timeout)
+    # wait4 reports the largest resident set of the child and of every descendant it
+    # waited for (torchrun's ranks): the peak RSS of the biggest process of the run.
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    peak_rss_kib = usage.ru_maxrss
+    process.wait(timeout=timeout)  # already reaped: returns at once
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return Timed(wall, cpu, returncode, "".join(lines), marks=marks)
+    peak = round(peak_rss_kib / 1024, 1)
+    return Timed(wall, cpu, process.returncode, "".join(lines), marks=marks, peak_rss_mb=peak)
 
 
 def torchrun() -> str:
@@ -193,10 +201,13 @@ def cpu_idle_share(seconds: float = 1.0) -> float:
     return (idle1 - idle0) / max(1, total1 - total0)
 
 
-def wait_for_quiet(min_idle: float = 0.7, timeout: float = 120.0) -> float:
-    """Wait (up to ``timeout`` s) until others leave ``min_idle`` of the CPUs idle; returns the
-    idle share last seen. On a shared machine this keeps a burst of someone else's work
-    from landing inside one side's timed run (it is recorded with every run either way)."""
+def wait_for_quiet(min_idle: float = 0.7, timeout: float | None = None) -> float:
+    """Wait (up to ``timeout`` s, default ``$BENCH_QUIET_WAIT_S`` or 120) until others leave
+    ``min_idle`` of the CPUs idle; returns the idle share last seen. On a shared machine this
+    keeps a burst of someone else's work from landing inside one side's timed run (it is
+    recorded with every run either way)."""
+    if timeout is None:
+        timeout = float(os.environ.get("BENCH_QUIET_WAIT_S", "120"))
     deadline = time.monotonic() + timeout
     idle = cpu_idle_share()
     while idle < min_idle and time.monotonic() < deadline:

@@ -140,6 +140,8 @@ class Run:
     losses: list[float]
     idle_before: float | None = None
     """Share of the CPUs idle just before the run (see ``bench.common.wait_for_quiet``)."""
+    peak_rss_mb: float | None = None
+    """Peak RSS of the run's largest process (one rank), from ``bench.common.run_timed``."""
     step_median_s: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -241,31 +243,54 @@ def run_adapter(
     train = [row for row in rows if row["split"] == "train"]
     ends = [row["time"] for row in train]
     losses = [row["loss"] for row in train]
-    return Run(side, ranks, timed.wall_s, step_durations(ends, size.warmup), losses)
+    durations = step_durations(ends, size.warmup)
+    return Run(side, ranks, timed.wall_s, durations, losses, peak_rss_mb=timed.peak_rss_mb)
 
 
 def run_peer(size: Size, data: TokenData, ranks: int, work: Path) -> Run:
-    out = work / f"peer_{ranks}.json"
-    settings = work / f"peer_{ranks}_settings.json"
-    settings.write_text(json.dumps(peer_settings(size, data, out)))
+    return run_peer_script(size, data, ranks, work, "hf_trainer", "hf_peer.py")
+
+
+def run_trl_sft(size: Size, data: TokenData, ranks: int, work: Path) -> Run:
+    """TRL's ``SFTTrainer`` with packing (``bench/trl_sft_peer.py``)."""
+    extra = {"seq": size.seq, "tokenizer_dir": str(data.tokenizer_dir)}
+    return run_peer_script(size, data, ranks, work, "trl_sft", "trl_sft_peer.py", extra)
+
+
+def run_peer_script(
+    size: Size,
+    data: TokenData,
+    ranks: int,
+    work: Path,
+    side: str,
+    script: str,
+    extra: dict[str, Any] | None = None,
+) -> Run:
+    out = work / f"{side}_{ranks}.json"
+    settings = work / f"{side}_{ranks}_settings.json"
+    settings.write_text(json.dumps({**peer_settings(size, data, out), **(extra or {})}))
     out.unlink(missing_ok=True)
     command = [torchrun(), "--standalone", f"--nproc_per_node={ranks}"]
-    timed = run_timed(
-        [*command, str(BENCH_DIR / "hf_peer.py"), str(settings)], env=threads_env(ranks)
-    )
-    timed.check(f"Hugging Face Trainer ({ranks} rank(s))")
+    timed = run_timed([*command, str(BENCH_DIR / script), str(settings)], env=threads_env(ranks))
+    timed.check(f"{side} ({ranks} rank(s))")
     record = json.loads(out.read_text())
     durations = step_durations(record["step_end_times"], size.warmup)
-    return Run("hf_trainer", ranks, timed.wall_s, durations, record["losses"])
+    losses = record["losses"]
+    return Run(side, ranks, timed.wall_s, durations, losses, peak_rss_mb=timed.peak_rss_mb)
 
 
 Side = Callable[[Size, TokenData, int, Path], Run]
 
 
 def sides(ranks: int) -> dict[str, Side]:
-    """The adapter, its peer, on several ranks also the adapter with FSDP2 full_shard and,
-    with ``BENCH_ADAPTER_BASELINE``, an older adapter."""
-    found: dict[str, Side] = {"adapter": run_adapter, "hf_trainer": run_peer}
+    """The adapter, its peers (HF Trainer, TRL's SFTTrainer with packing), on several ranks
+    also the adapter with FSDP2 full_shard and, with ``BENCH_ADAPTER_BASELINE``, an older
+    adapter."""
+    found: dict[str, Side] = {
+        "adapter": run_adapter,
+        "hf_trainer": run_peer,
+        "trl_sft": run_trl_sft,
+    }
     if ranks > 1:
         found["adapter_full_shard"] = lambda s, d, r, w: run_adapter(
             s, d, r, w, REPO, "full_shard", "adapter_full_shard"
@@ -326,6 +351,7 @@ def versus(mine: list[dict[str, Run]], other: str, tokens: int) -> dict[str, Any
         "first_losses": mine[0][other].losses[:COMPARED_LOSSES],
         "first_losses_max_abs_diff": max(diffs),
         "losses_match": max(diffs) <= LOSS_TOLERANCE,
+        "peak_rss_mb": median([runs[other].peak_rss_mb or 0.0 for runs in mine]),
     }
 
 
@@ -347,6 +373,9 @@ def summarize_ranks(size: Size, measured: list[dict[str, Run]], ranks: int) -> d
         },
         "first_losses_max_abs_diff": peer["first_losses_max_abs_diff"],
         "losses_match": peer["losses_match"],
+        "adapter_peak_rss_mb": median([runs["adapter"].peak_rss_mb or 0.0 for runs in mine]),
+        "peer_peak_rss_mb": peer["peak_rss_mb"],
+        "trl_sft": versus(mine, "trl_sft", tokens),
     }
     if "adapter_baseline" in mine[0]:
         summary["baseline"] = versus(mine, "adapter_baseline", tokens)
@@ -407,6 +436,8 @@ def summarize(result: dict[str, Any]) -> list[Row]:
                 entry["ratio"] >= 1.0 and entry["losses_match"],
             )
         )
+        if "trl_sft" in entry:
+            rows.append(trl_sft_row(ranks, entry))
         if "full_shard" in entry:
             sharded = entry["full_shard"]
             rows.append(
@@ -430,6 +461,23 @@ def summarize(result: dict[str, Any]) -> list[Row]:
                 )
             )
     return rows
+
+
+def trl_sft_row(ranks: str, entry: dict[str, Any]) -> Row:
+    trl = entry["trl_sft"]
+    ddp = " DDP" if ranks != "1" else ""
+    match = "match" if trl["losses_match"] else "**differ**"
+    return Row(
+        f"train: the same against TRL SFTTrainer (packing=True), {ranks} rank(s){ddp}; first "
+        f"losses {match} (max diff {trl['first_losses_max_abs_diff']:.1e}); peak RSS per rank "
+        f"{fmt(entry.get('adapter_peak_rss_mb'), 0)} MB vs {fmt(trl['peak_rss_mb'], 0)} MB",
+        f"{fmt(entry['adapter_tokens_per_s'], 0)} tok/s",
+        f"TRL SFTTrainer{ddp}: {fmt(trl['tokens_per_s'], 0)} tok/s "
+        f"({fmt(trl['step_s']['median'])} s/step)",
+        f"{trl['ratio']:.2f}×",
+        "≥ 1.2×, losses within 1e-4",
+        trl["ratio"] >= 1.2 and trl["losses_match"],
+    )
 
 
 if __name__ == "__main__":

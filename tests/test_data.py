@@ -346,7 +346,7 @@ def test_prompt_template_is_checked_in_the_config() -> None:
         load(DataConfig, {"train_dir": "x", "prompt_template": "Q: "}, "recipe")
     with pytest.raises(ConfigError, match=r"prompt_template: 'Q: \{question\}' isn't a valid"):
         load(DataConfig, {"train_dir": "x", "prompt_template": "Q: {question}"}, "recipe")
-    with pytest.raises(ConfigError, match=r"prompt_template.*prompt_response only"):
+    with pytest.raises(ConfigError, match=r"prompt_template.*prompt_response and preference only"):
         load(
             DataConfig,
             {"train_dir": "x", "dataset_type": "alpaca", "prompt_template": "{prompt}"},

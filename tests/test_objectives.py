@@ -49,8 +49,18 @@ def test_metric_names_are_every_objectives_lines_and_throughput() -> None:
         "Train metrics/train/LanguageCrossEntropy",
         "Train metrics/train/LanguagePerplexity",
         "Train metrics/train/RouterAuxLoss",
+        "Train metrics/train/DPOLoss",
+        "Train metrics/train/RewardAccuracy",
+        "Train metrics/train/RewardMargin",
+        "Train metrics/train/RewardsChosen",
+        "Train metrics/train/RewardsRejected",
         "Eval metrics/eval/LanguageCrossEntropy",
         "Eval metrics/eval/LanguagePerplexity",
+        "Eval metrics/eval/DPOLoss",
+        "Eval metrics/eval/RewardAccuracy",
+        "Eval metrics/eval/RewardMargin",
+        "Eval metrics/eval/RewardsChosen",
+        "Eval metrics/eval/RewardsRejected",
         "Train metrics/throughput/TokensPerSecond",
     ]
 
@@ -73,7 +83,8 @@ def test_an_unknown_objective_is_a_validation_error_naming_the_known_ones() -> N
         load_recipe(tiny_recipe("", objective="stf"))
     assert error.value.problems[0].key == "model.objective"
     assert str(error.value.problems[0]) == (
-        "model.objective: unknown objective 'stf' (did you mean `sft`?); known: sft "
+        "model.objective: unknown objective 'stf' (did you mean `sft`?); known: dpo (direct "
+        "preference optimisation (sigmoid, ipo, hinge, simpo) on chosen/rejected pairs), sft "
         "(supervised fine-tuning: cross-entropy on the response (or all text) tokens)"
     )
 

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from adapter.config import load_recipe
+from adapter.objectives.dpo_config import PREFERENCE_TYPES
 from launcher.compose import CompositionError, compose_config
 from launcher.instances import instance_spec
 from tests.conftest import REPO, read_metrics
@@ -41,6 +42,8 @@ CUSTOM = [
 ]
 TRAIN = [r for r in RECIPES if r not in CUSTOM]
 TINY = [r for r in TRAIN if r.startswith("tiny_")]
+TINY_SFT = [r for r in TINY if r.endswith("_sft")]
+"""One per model family: the architecture ``shrink=<family>`` gives."""
 FULL_SIZE = [r for r in TRAIN if r not in TINY]
 CLUSTERS = sorted(p.stem for p in (COLLECTION / "cluster").glob("*.yaml"))
 SHRINKS = sorted(p.stem for p in (COLLECTION / "shrink").glob("[!_]*.yaml"))
@@ -142,6 +145,24 @@ def data_overrides(name: str, train: str, val: str) -> list[str]:
     return [f"recipes.model.data.train_dir={train}", f"recipes.model.data.val_dir={val}"]
 
 
+def starts_from_a_run(name: str) -> bool:
+    """The recipe's model is another run's Hugging Face export (the DPO demo's: the SFT
+    demo's, ``${base_results_dir}/tiny_llama_sft/hf_model``)."""
+    source = recipe_data(name).get("model", {}).get("hf_model_name_or_path") or ""
+    return "${base_results_dir}" in source
+
+
+def model_overrides(name: str, model: str) -> list[str]:
+    """Where such a recipe finds that export (one that exists, where the cluster reads it)."""
+    return [f"recipes.model.hf_model_name_or_path={model}"] if starts_from_a_run(name) else []
+
+
+def existing_export(root: Path) -> str:
+    """A directory standing in for another run's export (only its existence is checked)."""
+    (root / "sft_export").mkdir(exist_ok=True)
+    return str(root / "sft_export")
+
+
 def local_overrides(name: str, root: Path) -> list[str]:
     """The local cluster is one node: a multi-node recipe runs as one node of its job, with
     hybrid shard groups no larger than that node; its data and code must exist here, and a
@@ -149,6 +170,7 @@ def local_overrides(name: str, root: Path) -> list[str]:
     in test_custom_jobs.py)."""
     recipe = recipe_data(name)
     overrides = data_overrides(name, str(root / "data/train"), str(root / "data/val"))
+    overrides += model_overrides(name, existing_export(root))
     if recipe["trainer"]["num_nodes"] > 1:
         overrides.append("recipes.trainer.num_nodes=1")
     if (recipe.get("model", {}).get("shard_degree") or 0) > recipe["trainer"]["devices"]:
@@ -173,7 +195,7 @@ def slurm_overrides(name: str, root: Path) -> list[str]:
         code = f"recipes.script.source_dir={root / 'code'}"
         return [*instance_overrides(name), f"container={CONTAINER}", code]
     data = data_overrides(name, str(root / "data/train"), str(root / "data/val"))
-    return [*instance_overrides(name), *data]
+    return [*instance_overrides(name), *data, *model_overrides(name, existing_export(root))]
 
 
 def k8s_overrides(name: str, root: Path) -> list[str]:
@@ -184,6 +206,7 @@ def k8s_overrides(name: str, root: Path) -> list[str]:
         *instance_overrides(name),
         *data,
         *code,
+        *model_overrides(name, "/fsx/results/tiny_llama_sft/hf_model"),
         f"container={CONTAINER}",
         "cluster.persistent_volume_claims=[{claim_name:fsx-claim,mount_path:/fsx}]",
         "cluster.results_dir=/fsx/results",
@@ -202,6 +225,17 @@ def sm_jobs_overrides(name: str, root: Path) -> list[str]:
         "cluster.region=us-east-1",
         *data_overrides(name, f"{BUCKET}/{name}/train", f"{BUCKET}/{name}/val"),
         *code,
+        *sm_jobs_model(name),
+    ]
+
+
+def sm_jobs_model(name: str) -> list[str]:
+    """Another run's export as an input channel (S3), read from its channel dir."""
+    if not starts_from_a_run(name):
+        return []
+    return [
+        f"++cluster.inputs={{model: '{BUCKET}/tiny_llama_sft/hf_model'}}",
+        *model_overrides(name, "/opt/ml/input/data/model"),
     ]
 
 
@@ -286,7 +320,9 @@ def test_recipe_validates_and_renders_on_every_cluster(
         )
     else:
         rendered = load_recipe(written)
-        assert rendered.model.hf_model_name_or_path == source["model"].get("hf_model_name_or_path")
+        if not starts_from_a_run(name):  # else: the stand-in export the overrides name
+            model = source["model"].get("hf_model_name_or_path")
+            assert rendered.model.hf_model_name_or_path == model
         assert rendered.trainer.precision == str(source["trainer"]["precision"])
     record = json.loads((run_dir / "launch.json").read_text())
     assert (record["backend"], record["dry_run"], record["submitted"]) == (cluster, True, False)
@@ -354,7 +390,7 @@ def test_every_model_family_has_a_tiny_recipe_and_a_shrink() -> None:
             assert STAND_IN.get(name) in SHRINKS, f"{name}: map it to a native family"
         else:
             assert f"tiny_{name}_sft" in TINY and name in SHRINKS, name
-    assert sorted(SHRINKS) == sorted(r.removeprefix("tiny_").removesuffix("_sft") for r in TINY)
+    assert sorted(SHRINKS) == sorted(r.removeprefix("tiny_").removesuffix("_sft") for r in TINY_SFT)
 
 
 @pytest.mark.parametrize("shrink", SHRINKS)
@@ -418,6 +454,16 @@ def rows_for(dataset_type: str, count: int, seed: int) -> list[dict[str, Any]]:
             ]
         },
         "text": lambda r: {"text": f"{r['prompt']} gives {r['response']}. " * 6},
+        "preference": lambda r: {
+            "prompt": r["prompt"],
+            "chosen": r["response"],
+            "rejected": r["response"] + "0",
+        },
+        "chat_preference": lambda r: {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["response"]}],
+            "rejected": [{"role": "assistant", "content": r["response"] + "0"}],
+        },
     }
     return [shapes[dataset_type](r) for r in rows]
 
@@ -428,7 +474,8 @@ def write_datasets(root: Path, tokenizer: Any) -> dict[str, tuple[Path, Path]]:
 
     datasets.disable_progress_bars()
     paths = {}
-    for dataset_type in ("prompt_response", "alpaca", "chatglm", "chat", "text", "hf"):
+    kinds = ("prompt_response", "alpaca", "chatglm", "chat", "text", "hf", *PREFERENCE_TYPES)
+    for dataset_type in kinds:
         train, val = root / dataset_type / "train", root / dataset_type / "val"
         for path, count, seed in ((train, 64, 1), (val, 16, 2)):
             if dataset_type == "hf":
@@ -447,15 +494,16 @@ def write_datasets(root: Path, tokenizer: Any) -> dict[str, tuple[Path, Path]]:
 
 
 def shrunk_overrides(
-    name: str, data: dict[str, tuple[Path, Path]], tokenizer: Path, results: Path
+    name: str, data: dict[str, tuple[Path, Path]], tokenizer: Path, results: Path, export: Path
 ) -> list[str]:
     overrides = [f"recipes={name}", "cluster=local", f"base_results_dir={results}", *SHRUNK_RUN]
     if name in TINY:
-        return [*overrides, "recipes.model.data.num_synthetic_samples=100"]
+        samples = "recipes.model.data.num_synthetic_samples=100"
+        return [*overrides, samples, *model_overrides(name, str(export))]
     dataset_type = data_of(name)["dataset_type"]
     train, val = data[dataset_type]
     overrides += [f"shrink={shrink_family(name)}", *data_overrides(name, str(train), str(val))]
-    if dataset_type in ("chat", "hf"):
+    if dataset_type in ("chat", "hf", "chat_preference"):
         overrides.append(f"recipes.model.tokenizer_name_or_path={tokenizer}")
     return overrides
 
@@ -497,6 +545,21 @@ def train_all(recipe_files: list[Path], codes_file: Path) -> tuple[dict[str, int
     return codes, done.stdout + done.stderr
 
 
+def save_tiny_export(path: Path, tokenizer: Any) -> Path:
+    """A random-init tiny Llama saved as a run's Hugging Face export would be (model and
+    tokenizer), for the recipes that start from another run's export."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.adapter_helpers import BOS, EOS, PAD, tiny_arch
+
+    architecture = {k: v for k, v in tiny_arch("llama").items() if k != "model_type"}
+    special = {"pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS}
+    config = LlamaConfig(vocab_size=len(tokenizer), **architecture, **special)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def shrunk_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ShrunkRun]:
     """Every recipe shrunk (the tiny ones as they are) and trained two steps on CPU."""
@@ -506,10 +569,11 @@ def shrunk_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ShrunkRun
     tokenizer = char_tokenizer(CHAT_TEMPLATE)
     tokenizer.save_pretrained(root / "tokenizer")
     data = write_datasets(root / "data", tokenizer)
+    export = save_tiny_export(root / "sft_export", tokenizer)
     runs = {}
     for name in TRAIN:
         run_dir = root / "results" / recipe_data(name)["run"]["name"]
-        overrides = shrunk_overrides(name, data, root / "tokenizer", root / "results")
+        overrides = shrunk_overrides(name, data, root / "tokenizer", root / "results", export)
         runs[name] = ShrunkRun(run_dir, launch_error=dry_run(overrides))
     files = [run.run_dir / "recipe.yaml" for run in runs.values() if not run.launch_error]
     codes, output = train_all(files, root / "codes.json")
@@ -592,6 +656,9 @@ def test_script_runs_in_dry_run_mode(script: str, tmp_path: Path) -> None:
     recipe, cluster = script_target(script)
     for split in ("train", "val"):
         (tmp_path / split).mkdir()
+    if starts_from_a_run(recipe):  # its model: another run's export in the same results dir
+        source = recipe_data(recipe)["model"]["hf_model_name_or_path"]
+        Path(source.replace("${base_results_dir}", str(tmp_path / "results"))).mkdir(parents=True)
     code = write_code(tmp_path / "code", recipe) if recipe in CUSTOM else tmp_path
     env = {
         **os.environ,
@@ -658,6 +725,8 @@ def readme_cells(name: str) -> list[str]:
     model, trainer = recipe["model"], recipe["trainer"]
     source = model.get("hf_model_name_or_path")
     method = METHODS.get((model.get("peft") or {}).get("peft_type") or "", "full fine-tuning")
+    if model.get("objective") == "dpo":
+        method = f"DPO ({method})"
     data = data_of(name)
     return [
         f"`{source}`" if source else random_init(model),

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from adapter.config import Recipe, load_recipe, parse_duration, parse_time_limit
+from adapter.config import Recipe, load_recipe
+from adapter.durations import parse_duration, parse_time_limit
 from adapter.schema import ConfigError, parse
 
 BASE = {

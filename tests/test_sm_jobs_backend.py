@@ -460,8 +460,19 @@ def sft_metrics(loss: float) -> dict[str, float]:
     return {"LanguageCrossEntropy": loss, "LanguagePerplexity": perplexity(loss)}
 
 
+DPO_METRICS = {
+    "DPOLoss": 0.5,
+    "RewardAccuracy": 0.75,
+    "RewardMargin": -0.125,
+    "RewardsChosen": 1e-05,
+    "RewardsRejected": -0.25,
+}
+"""What the DPO objective reports (its names, values of one step)."""
+
+
 def adapter_metric_lines(exp_dir: Path) -> list[str]:
-    """Lines printed by the adapter's MetricsLogger for one train and one eval step."""
+    """Lines printed by the adapter's MetricsLogger for one train and one eval step of an
+    SFT run and of a DPO run."""
     import contextlib
     import io
 
@@ -472,25 +483,31 @@ def adapter_metric_lines(exp_dir: Path) -> list[str]:
         values = {"loss": 2.5, "lr": 1e-4, "grad_norm": 0.7, "tokens_per_s": 12345.6}
         logger.train(5, values, {**sft_metrics(2.5), "RouterAuxLoss": 2.0625})
         logger.eval(5, 2.25, sft_metrics(2.25))
+        logger.train(5, {**values, "loss": 0.5, "tokens_per_s": 23.5}, DPO_METRICS)
+        logger.eval(5, 0.5, DPO_METRICS)
     return out.getvalue().splitlines()
 
 
 def test_metric_definitions_parse_adapter_lines(tmp_path: Path) -> None:
     lines = adapter_metric_lines(tmp_path)
     expected = {
-        "train:LanguageCrossEntropy": 2.5,
-        "train:LanguagePerplexity": 12.182494,
-        "train:RouterAuxLoss": 2.0625,
-        "eval:LanguageCrossEntropy": 2.25,
-        "eval:LanguagePerplexity": 9.487736,
-        "train:TokensPerSecond": 12345.6,
+        "train:LanguageCrossEntropy": [2.5],
+        "train:LanguagePerplexity": [12.182494],
+        "train:RouterAuxLoss": [2.0625],
+        "eval:LanguageCrossEntropy": [2.25],
+        "eval:LanguagePerplexity": [9.487736],
+        **{f"{split}:{name}": [value] for name, value in DPO_METRICS.items() for split in SPLITS},
+        "train:TokensPerSecond": [12345.6, 23.5],
     }
     for definition in metric_definitions():
         values = [
             float(m.group(1)) for m in map(re.compile(definition["Regex"]).search, lines) if m
         ]
-        assert values == pytest.approx([expected[definition["Name"]]], rel=1e-6), definition
+        assert values == pytest.approx(expected[definition["Name"]], rel=1e-6), definition
     assert set(expected) == {d["Name"] for d in metric_definitions()}
+
+
+SPLITS = ("train", "eval")
 
 
 def test_metric_regex_reads_exponents_and_signs() -> None:

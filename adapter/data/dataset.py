@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapter.config import DataConfig
+from adapter.data.config import DataConfig
 from adapter.data.formats import (
     DataError,
     Format,
@@ -239,11 +239,11 @@ def _synthetic(data: DataConfig, seed: int, exp_dir: str) -> tuple[list[dict], l
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
         if not (out / name).exists():  # every rank makes the same rows: the first one wins
-            _write_replacing(out / name, "".join(json.dumps(r) + "\n" for r in rows))
+            write_replacing(out / name, "".join(json.dumps(r) + "\n" for r in rows))
     return train, val
 
 
-def _write_replacing(path: Path, text: str) -> None:
+def write_replacing(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a file of this process's own, renamed over ``path``:
     ranks writing the same file at once never leave it half written."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

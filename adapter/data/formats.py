@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapter.config import MPT_PROMPT_TEMPLATE, DataConfig
+from adapter.data.config import MPT_PROMPT_TEMPLATE, DataConfig
 
 IGNORE_INDEX = -100
 

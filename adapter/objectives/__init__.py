@@ -4,7 +4,8 @@ The training loop (``adapter.trainer``) is the same for every objective: data �
 → eval → checkpoint → export. What differs — how micro-batches are built from the data's
 rows, the loss and the metrics it reports, what eval measures, which models take part
 besides the policy — is an ``Objective`` (``adapter.objectives.base``), one module of this
-package each: ``sft`` (supervised fine-tuning, continued pretraining) so far.
+package each: ``sft`` (supervised fine-tuning, continued pretraining) and ``dpo`` (direct
+preference optimisation and its variants, on chosen/rejected pairs).
 
 This file is the registry, and torch-free: the launcher validates ``model.objective`` against
 it and generates SageMaker metric definitions from the metric names each objective declares
@@ -34,6 +35,13 @@ class ObjectiveSpec:
 
 
 LANGUAGE_METRICS = ("LanguageCrossEntropy", "LanguagePerplexity")
+PREFERENCE_METRICS = (
+    "DPOLoss",
+    "RewardAccuracy",
+    "RewardMargin",
+    "RewardsChosen",
+    "RewardsRejected",
+)
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     "sft": ObjectiveSpec(
@@ -41,6 +49,13 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         train_metrics=(*LANGUAGE_METRICS, "RouterAuxLoss"),
         eval_metrics=LANGUAGE_METRICS,
         summary="supervised fine-tuning: cross-entropy on the response (or all text) tokens",
+    ),
+    "dpo": ObjectiveSpec(
+        "adapter.objectives.dpo:DPO",
+        train_metrics=PREFERENCE_METRICS,
+        eval_metrics=PREFERENCE_METRICS,
+        summary="direct preference optimisation (sigmoid, ipo, hinge, simpo) on chosen/rejected "
+        "pairs",
     ),
 }
 

@@ -11,7 +11,8 @@ never a frozen reference) and exports. An objective says
 - which models take part besides the policy (``prepare``: e.g. a frozen reference);
 - what a step's micro-batches are (``step_batches``: by default its examples, collated;
   rollouts would be generated here);
-- the loss and what it reports (``loss``, ``eval_loss``, ``metrics``, ``eval_metrics``).
+- the loss and what it reports (``loss``, ``eval_loss``, ``metrics``, ``eval_metrics``,
+  and ``final_report`` once training has ended).
 
 Normalisation is the loop's, the same for every objective: ``loss`` returns the *sum* over
 the micro-batch's units (SFT: label tokens; DPO: pairs) and each micro-batch's ``units``;
@@ -183,6 +184,12 @@ class Objective(ABC):
     def sample_prompts(self, val: Sequence[Any], count: int) -> list[SamplePrompt]:
         """Up to ``count`` prompts from ``val`` whose greedy completions are logged when
         training ends (the same on every rank). Default: none."""
+        return []
+
+    def final_report(self, model: nn.Module) -> list[str]:
+        """Lines logged once training has ended, after the sample completions (e.g. how
+        the trained model answers against the initial one). Every rank calls it and may run
+        the model, as many times on every rank. Default: none."""
         return []
 
     # --- resumable state ------------------------------------------------------------------

@@ -128,7 +128,24 @@ def _forward(
     model: nn.Module, batch: Batch, device: torch.device, router_logits: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     batch = batch.to(device)
-    inputs = {"input_ids": batch.input_ids}
+    inputs = model_inputs(batch)
+    if router_logits:
+        inputs["output_router_logits"] = True
+    labels = batch.labels
+    head = find_loss_head(model)
+    if head is None:
+        outputs = model(**inputs)
+        loss = sum_cross_entropy(last_positions(outputs.logits, labels.shape[1]), labels)
+    else:
+        with computing_loss(head, labels):
+            outputs = model(**inputs)
+        loss = outputs.logits
+    return loss, getattr(outputs, "aux_loss", None) if router_logits else None
+
+
+def model_inputs(batch: Batch) -> dict[str, Any]:
+    """The forward's keyword arguments for ``batch`` (labels aside)."""
+    inputs: dict[str, Any] = {"input_ids": batch.input_ids}
     # A 2-D padding mask without padding changes nothing but costs a 4-D mask in every
     # attention layer (HF then can't take sdpa's is_causal path): leave it out.
     padded = batch.num_tokens < batch.input_ids.numel()
@@ -138,19 +155,9 @@ def _forward(
         inputs["position_ids"] = batch.position_ids
     if batch.cu_seq_lens is not None:  # read by document_sdpa, ignored by HF's sdpa/eager
         inputs["cu_seq_lens_q"] = batch.cu_seq_lens
-    if router_logits:
-        inputs["output_router_logits"] = True
-    labels = batch.labels
-    head = find_loss_head(model)
     # use_cache=False also lets HF confine attention by packed position ids.
-    if head is None:
-        outputs = model(**inputs, use_cache=False)
-        loss = sum_cross_entropy(last_positions(outputs.logits, labels.shape[1]), labels)
-    else:
-        with computing_loss(head, labels):
-            outputs = model(**inputs, use_cache=False)
-        loss = outputs.logits
-    return loss, getattr(outputs, "aux_loss", None) if router_logits else None
+    inputs["use_cache"] = False
+    return inputs
 
 
 def sample_prompt(sample: Sample) -> SamplePrompt:

@@ -555,7 +555,7 @@ PARTS: list[Part] = [
         "dpo_step",
         "a DPO step",
         0,
-        not_available="the adapter has no DPO training yet (nothing to run)",
+        not_available="not written yet (DPO is measured on CPU by bench dpo)",
     ),
     memory_plan_part.PART,
 ]

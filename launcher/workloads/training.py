@@ -11,8 +11,10 @@ from typing import Any, ClassVar
 
 from adapter.config import Recipe
 from adapter.elastic import ElasticPolicy
+from adapter.layout import HF_MODEL_DIR
 from adapter.schema import Parsed, Problem, parse_partial, rule, to_dict, warning
 from launcher import paths
+from launcher.compose import COLLECTION
 from launcher.job import GPU_INPUTS, Job
 from launcher.rendezvous import Rendezvous
 from launcher.workloads.base import InputPath, OutputPath, RecipeWorkload, WorkloadRule
@@ -111,8 +113,8 @@ def model_paths_exist(job: Job) -> list[Problem]:
     for key, value in zip(MODEL_PATHS, values, strict=True):
         why = value and value.startswith(paths.LOOKS_LOCAL) and paths.unusable(value)
         if why:
-            message = f"{why}; pass an existing directory or a Hugging Face hub id (org/name)"
-            problems.append(Problem(key, message))
+            fix = export_hint(value) or "pass an existing directory or a Hugging Face hub id"
+            problems.append(Problem(key, f"{why}; {fix}"))
     return problems
 
 
@@ -128,6 +130,24 @@ def agent_command(torchrun: str, stop_grace_s: int) -> list[str]:
         return [torchrun]
     python = str(path.with_name("python3")) if len(path.parts) > 1 else "python3"
     return [python, "-m", AGENT_MODULE, f"--stop-grace-s={stop_grace_s}"]
+
+
+def export_hint(value: str) -> str:
+    """For a path to another run's Hugging Face export (``<base>/<run>/hf_model``, or in
+    it): the command that makes it; '' for any other path."""
+    parts = Path(value).parts
+    if HF_MODEL_DIR not in parts[2:]:
+        return ""
+    at = len(parts) - 1 - parts[::-1].index(HF_MODEL_DIR)
+    run_dir = Path(*parts[:at])
+    recipe = run_dir.name
+    if not (COLLECTION / "recipes" / f"{recipe}.yaml").is_file():
+        recipe = f"<the recipe of run {run_dir.name}>"
+    return (
+        f"it is the Hugging Face export of the run in {run_dir}, which isn't there yet: train "
+        f"that run first (python main.py recipes={recipe} base_results_dir={run_dir.parent}), "
+        "or pass an existing directory or a Hugging Face hub id"
+    )
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from adapter.config import parse_time_limit
+from adapter.durations import parse_time_limit
 from adapter.elastic import ElasticPolicy
 from adapter.layout import RECIPE_FILE, TRAIN_SCRIPT
 from launcher.backends.base import Artifacts

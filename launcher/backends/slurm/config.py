@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from adapter.config import parse_time_limit
+from adapter.durations import parse_time_limit
 from adapter.schema import Problem, bounded, rule
 from launcher.job import ClusterConfig, Job, Resolved
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapter.config import parse_time_limit
+from adapter.durations import parse_time_limit
 from adapter.layout import LOGS_DIR, RECIPE_FILE, TRAIN_SCRIPT
 from adapter.metrics import metric_names
 from launcher.backends.base import Artifacts
