@@ -45,7 +45,7 @@ def test_valid_recipe_has_no_problems() -> None:
 def test_unknown_key_suggests_the_closest() -> None:
     [line] = problems(with_("trainer.max_step", 3))
     assert line.startswith("trainer.max_step: unknown key (did you mean `max_steps`?)")
-    assert "allowed keys here: accelerator, devices," in line
+    assert "allowed keys here: accelerator, collective_timeout_s, devices," in line
 
 
 def test_wrong_type_names_key_value_and_type() -> None:

@@ -226,7 +226,8 @@ def test_family_names_have_one_torch_free_home() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split(" ", 1) == [
         "False",
-        "['chatglm', 'glm', 'gpt2', 'llama', 'mistral', 'mixtral', 'mpt', 'qwen2']\n",
+        "['chatglm', 'gemma3', 'glm', 'gpt2', 'gpt_oss', 'llama', 'mistral', 'mixtral', 'mpt', "
+        "'qwen2', 'qwen3', 'qwen3_moe']\n",
     ]
     import adapter.families
     import adapter.models
