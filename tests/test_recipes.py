@@ -33,7 +33,13 @@ from launcher.instances import instance_spec
 from tests.conftest import REPO, read_metrics
 
 COLLECTION = REPO / "recipes_collection"
-RECIPES = sorted(p.stem for p in (COLLECTION / "recipes").glob("*.yaml"))
+EVAL = sorted(
+    p.stem
+    for p in (COLLECTION / "recipes").glob("*.yaml")
+    if yaml.safe_load(p.read_text()).get("kind") == "eval"
+)
+"""Evaluation recipes: rendered and run in test_evaluation.py."""
+RECIPES = sorted(p.stem for p in (COLLECTION / "recipes").glob("*.yaml") if p.stem not in EVAL)
 CUSTOM = [
     r
     for r in RECIPES
@@ -44,7 +50,11 @@ TINY = [r for r in TRAIN if r.startswith("tiny_")]
 FULL_SIZE = [r for r in TRAIN if r not in TINY]
 CLUSTERS = sorted(p.stem for p in (COLLECTION / "cluster").glob("*.yaml"))
 SHRINKS = sorted(p.stem for p in (COLLECTION / "shrink").glob("[!_]*.yaml"))
-SCRIPTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "launcher_scripts").glob("*/*.sh"))
+SCRIPTS = sorted(
+    str(p.relative_to(REPO))
+    for p in (REPO / "launcher_scripts").glob("*/*.sh")
+    if p.parent.name != "eval"
+)
 
 STAND_IN = {"chatglm": "glm"}
 """Families whose model code lives in the checkpoint's repository shrink to a native one."""
