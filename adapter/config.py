@@ -135,6 +135,24 @@ class ExportFullModel:
 
 
 @dataclass(kw_only=True)
+class EvaluateAfterTraining:
+    """lm-evaluation-harness on the final export once training ends (``kind: eval``'s job,
+    ``adapter.evaluate``): results in ``<exp_dir>/eval_results.json`` and the run's log."""
+
+    tasks: list[str] = bounded([])
+    """lm-eval task names (or the shipped ``tiny_arithmetic``, ``tiny_arithmetic_mc``);
+    empty: no evaluation."""
+    num_fewshot: int | None = bounded(None, ge=0)
+    """Few-shot examples per prompt; null: each task's default."""
+    limit: float | None = bounded(None, gt=0)
+    """Documents per task: a count (>= 1) or a fraction (< 1); null: all."""
+    batch_size: int = bounded(8, ge=1)
+    """Requests per forward."""
+    gen_kwargs: dict[str, Any] = bounded({})
+    """Generation settings over the tasks' own."""
+
+
+@dataclass(kw_only=True)
 class ExpManagerConfig:
     """Where a run's results go and how it resumes (``exp_manager``): experiment and
     checkpoint directories, auto-resume, async checkpoints, TensorBoard, exports."""
@@ -155,6 +173,8 @@ class ExpManagerConfig:
     """When to save sharded checkpoints and how many to keep."""
     export_full_model: ExportFullModel = nested(ExportFullModel)
     """Hugging Face export of the trained model."""
+    evaluate_after_training: EvaluateAfterTraining = nested(EvaluateAfterTraining)
+    """Task scores of the final export (needs ``export_full_model.save_last``)."""
 
 
 @dataclass(kw_only=True)
@@ -524,6 +544,31 @@ class Recipe:
                 f"{self.trainer.num_nodes} = {per_step} (e.g. {nearest})",
             )
         ]
+
+    @rule(
+        "exp_manager.evaluate_after_training.tasks",
+        "exp_manager.export_full_model.save_last",
+        "exp_manager.export_full_model.merge_peft",
+        "model.peft.peft_type",
+    )
+    def _evaluation_has_a_model(self) -> list[Problem]:
+        exp = self.exp_manager
+        if not exp.evaluate_after_training.tasks:
+            return []
+        key = "exp_manager.evaluate_after_training.tasks"
+        if not exp.export_full_model.save_last:
+            fix = "set exp_manager.export_full_model.save_last=true"
+            return [
+                Problem(key, f"evaluates the final export, which this run doesn't write: {fix}")
+            ]
+        if self.model.peft.peft_type and not exp.export_full_model.merge_peft:
+            fix = "set exp_manager.export_full_model.merge_peft=true"
+            return [
+                Problem(
+                    key, f"evaluates the merged model, which this PEFT run doesn't write: {fix}"
+                )
+            ]
+        return []
 
     @rule(
         "elastic_policy",

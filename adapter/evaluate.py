@@ -26,8 +26,10 @@ import yaml
 from adapter.eval_config import (
     RESULTS_FILE,
     EvalJob,
+    EvalTrainer,
     ModelSource,
     NotAModel,
+    metric_key,
     metric_lines,
     model_source,
 )
@@ -220,6 +222,69 @@ def report(results: dict[str, Any]) -> None:
     print(make_table(results), flush=True)
     if results.get("groups"):
         print(make_table(results, "groups"), flush=True)
+
+
+# --- after training (exp_manager.evaluate_after_training) ------------------------------
+
+EVAL_RECIPE = "eval_recipe.yaml"
+"""The eval job a training run writes into its experiment directory and runs."""
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+"""Left out of the evaluation's environment: it runs as one process, not as a rank."""
+
+
+def after_training_job(recipe: Any, model_path: Path) -> EvalJob:
+    """The eval job of a training ``recipe`` (``adapter.config.Recipe``) on its export."""
+    settings = recipe.exp_manager.evaluate_after_training
+    exp_dir = recipe.exp_manager.exp_dir or "."
+    return EvalJob(
+        run=recipe.run,
+        trainer=EvalTrainer(accelerator=recipe.trainer.accelerator),
+        model_path=str(model_path),
+        tasks=list(settings.tasks),
+        num_fewshot=settings.num_fewshot,
+        limit=settings.limit,
+        batch_size=settings.batch_size,
+        gen_kwargs=dict(settings.gen_kwargs),
+        trust_remote_code=recipe.model.trust_remote_code,
+        seed=recipe.model.seed,
+        exp_dir=exp_dir,
+    )
+
+
+def evaluate_after_training(recipe: Any, model_path: Path) -> int:
+    """Rank 0, once training ended and the ranks are gone: the eval job on the export, as
+    its own process (lm-eval must not see the torchrun world); its lines go to the run's
+    log, its results to ``<exp_dir>/eval_results.json`` and a ``tasks`` row of
+    metrics.jsonl at the run's last step. The eval job's exit code."""
+    import json
+    import subprocess
+
+    from adapter.schema import to_dict
+
+    job = after_training_job(recipe, model_path)
+    exp_dir = Path(job.exp_dir or ".")
+    recipe_path = exp_dir / EVAL_RECIPE
+    recipe_path.write_text(yaml.safe_dump(to_dict(job), sort_keys=False))
+    print(f"evaluating {model_path} on {', '.join(job.tasks)} ({recipe_path})", flush=True)
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    done = subprocess.run([sys.executable, "-m", "adapter.evaluate", str(recipe_path)], env=env)
+    if done.returncode != 0:
+        print(f"error: evaluating the trained model failed ({recipe_path})", file=sys.stderr)
+        return done.returncode
+    results = json.loads((exp_dir / RESULTS_FILE).read_text())["results"]
+    values = {
+        f"{task}/{metric_key(name)}": value
+        for task, metrics in results.items()
+        for name, value in metrics.items()
+        if "," in name and "_stderr" not in name and isinstance(value, (int, float))
+    }
+    metrics = exp_dir / "metrics.jsonl"
+    rows = metrics.read_text().splitlines() if metrics.is_file() else []
+    step = json.loads(rows[-1])["step"] if rows else 0
+    row = {"split": "tasks", "step": step, "time": round(time.time(), 3), **values}
+    with open(metrics, "a") as jsonl:
+        jsonl.write(json.dumps(row) + "\n")
+    return 0
 
 
 def _version(name: str) -> str | None:

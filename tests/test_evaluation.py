@@ -27,13 +27,15 @@ from tests.test_recipes import BUCKET, CONTAINER, ROLE, dry_run
 
 TASKS = ["tiny_arithmetic", "tiny_arithmetic_mc"]
 DEMO_STEPS = 300
+AFTER_TRAINING_LIMIT = 50
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The SFT demo trained for ``DEMO_STEPS`` steps: its run directory."""
+    """The SFT demo trained for ``DEMO_STEPS`` steps, evaluated on ``tiny_arithmetic_mc``
+    after training: its run directory (its output in ``output.txt``)."""
     results = tmp_path_factory.mktemp("demo")
-    run_main(
+    done = run_main(
         "recipes=tiny_llama_sft",
         f"base_results_dir={results}",
         f"recipes.trainer.max_steps={DEMO_STEPS}",
@@ -41,10 +43,14 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "recipes.trainer.accelerator=cpu",
         f"recipes.exp_manager.checkpoint_callback_params.every_n_train_steps={DEMO_STEPS}",
         "recipes.exp_manager.create_tensorboard_logger=false",
-        check=True,
+        "recipes.exp_manager.evaluate_after_training.tasks=[tiny_arithmetic_mc]",
+        f"recipes.exp_manager.evaluate_after_training.limit={AFTER_TRAINING_LIMIT}",
         timeout=300,
     )
-    return results / "tiny_llama_sft"
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = results / "tiny_llama_sft"
+    (run_dir / "output.txt").write_text(done.stdout)
+    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +154,45 @@ def test_checkpoint_is_exported_and_scores_as_its_export(demo_run: Path, tmp_pat
     assert (tmp_path / "b/exported_model/config.json").is_file()
     assert evaluated["model"]["kind"] == "checkpoint"
     assert evaluated["results"] == exported["results"]
+
+
+@pytest.mark.slow
+def test_evaluation_after_training_is_in_the_runs_report(demo_run: Path, tmp_path: Path) -> None:
+    from adapter.evaluate import evaluate
+
+    written = json.loads((demo_run / "eval_results.json").read_text())
+    assert written["model"]["evaluated"] == str(demo_run / "hf_model")
+    again = evaluate(eval_job(demo_run, tasks=["tiny_arithmetic_mc"], limit=50), tmp_path)
+    assert written["results"] == again["results"]
+    output = (demo_run / "output.txt").read_text()
+    for name, value in scores(written["results"]).items():
+        assert f"Eval metrics/{name}: {value:.6f}" in output
+    (row,) = [
+        r for r in map(json.loads, (demo_run / "metrics.jsonl").open()) if r["split"] == "tasks"
+    ]
+    assert row["step"] == DEMO_STEPS
+    assert row["tiny_arithmetic_mc/acc"] == written["results"]["tiny_arithmetic_mc"]["acc,none"]
+
+
+def test_evaluation_after_training_is_checked_at_launch(tmp_path: Path) -> None:
+    key = "recipes.exp_manager.evaluate_after_training"
+    base = ["recipes=tiny_llama_sft", f"base_results_dir={tmp_path}"]
+    error = dry_run([*base, f"{key}.tasks=[tiny_arithmetic_mcc]"])
+    assert (
+        f"{key}.tasks: lm-eval knows no task 'tiny_arithmetic_mcc' (did you mean "
+        "`tiny_arithmetic_mc`?)"
+    ) in error, error
+    error = dry_run(
+        [
+            *base,
+            f"{key}.tasks=[tiny_arithmetic]",
+            "recipes.exp_manager.export_full_model.save_last=false",
+        ]
+    )
+    assert (
+        f"{key}.tasks: evaluates the final export, which this run doesn't write: set "
+        "exp_manager.export_full_model.save_last=true"
+    ) in error, error
 
 
 def test_shipped_task_data_is_its_generators_output() -> None:

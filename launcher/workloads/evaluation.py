@@ -59,19 +59,28 @@ def model_is_there(job: Job) -> list[Problem]:
 def tasks_are_known(job: Job) -> list[Problem]:
     """Every task is a shipped one or in lm-eval's registry (with a did-you-mean)."""
     recipe = _eval_job(job)
+    include = recipe.include_path if job.reads_launch_files else []
+    return task_problems(TASKS, recipe.tasks, include, job.reads_launch_files)
+
+
+def task_problems(
+    key: str, tasks: list[str], include_path: list[str], runs_here: bool
+) -> list[Problem]:
+    """``tasks`` (at ``key``) that neither the shipped tasks, ``include_path`` nor lm-eval's
+    registry know, with a did-you-mean; lm-eval missing here is an error where this Python
+    runs the job (``runs_here``), else a warning."""
     if importlib.util.find_spec("lm_eval") is None:
         message = f"lm-eval is not installed here: pip install '{LM_EVAL_REQUIREMENT}'"
-        if job.reads_launch_files:  # this Python runs the job
-            return [Problem(TASKS, message)]
-        return [warning(TASKS, f"{message} to check the task names at launch")]
+        if runs_here:
+            return [Problem(key, message)]
+        return [warning(key, f"{message} to check the task names at launch")]
     from adapter.evaluate import task_manager, unknown_tasks
 
-    include = recipe.include_path if job.reads_launch_files else []
-    unknown = unknown_tasks(recipe.tasks, task_manager(recipe.tasks, include))
+    unknown = unknown_tasks(tasks, task_manager(tasks, include_path))
     if not unknown:
         return []
     message = f"lm-eval knows no task {', '.join(unknown)}"
-    return [Problem(TASKS, f"{message}; list them with: lm-eval ls tasks")]
+    return [Problem(key, f"{message}; list them with: lm-eval ls tasks")]
 
 
 RULES: tuple[WorkloadRule, ...] = (model_is_there, tasks_are_known)

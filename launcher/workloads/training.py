@@ -114,6 +114,20 @@ def model_paths_exist(job: Job) -> list[Problem]:
     return problems
 
 
+AFTER_TRAINING = f"{EXP}.evaluate_after_training.tasks"
+
+
+@rule(AFTER_TRAINING, "container")
+def evaluation_tasks_are_known(job: Job) -> list[Problem]:
+    """``evaluate_after_training``'s tasks exist (lm-eval imported only when it has some)."""
+    tasks = _recipe(job).exp_manager.evaluate_after_training.tasks
+    if not tasks:
+        return []
+    from launcher.workloads.evaluation import task_problems
+
+    return task_problems(AFTER_TRAINING, tasks, [], job.reads_launch_files)
+
+
 @dataclass
 class TrainingWorkload(RecipeWorkload):
     """The adapter's training recipe: the adapter (``adapter.train``) on every rank, under
@@ -128,6 +142,7 @@ class TrainingWorkload(RecipeWorkload):
         data_paths_exist,
         resume_checkpoint_exists,
         model_paths_exist,
+        evaluation_tasks_are_known,
     )
     path_keys: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "data": (f"{DATA}.train_dir", f"{DATA}.val_dir"),
@@ -178,6 +193,10 @@ class TrainingWorkload(RecipeWorkload):
 
     def requirements(self) -> list[str]:
         extra = [TENSORBOARD_REQUIREMENT] if self.writes("tensorboard") else []
+        if self.recipe.exp_manager.evaluate_after_training.tasks:
+            from launcher.workloads.evaluation import LM_EVAL_REQUIREMENT
+
+            extra.append(LM_EVAL_REQUIREMENT)
         return [*DEFAULT_REQUIREMENTS, *extra]
 
     def inputs(self) -> list[InputPath]:
