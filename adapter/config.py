@@ -81,6 +81,11 @@ class TrainerConfig:
     """Evaluate on at most this many micro-batches per rank; 0 = the whole validation set."""
     log_every_n_steps: int = bounded(10, ge=1)
     """Print/record metrics every N optimizer steps."""
+    generation_eval_prompts: int = bounded(0, ge=0)
+    """At each validation, greedy answers to up to this many validation prompts with
+    reference answers, scored as ``ExactMatch`` and ``ContainsAnswer``; 0 = off."""
+    generation_eval_max_new_tokens: int = bounded(16, ge=1)
+    """Tokens generated at most per answer of the generation eval."""
 
     @rule("max_steps", "max_epochs")
     def _has_a_length(self) -> list[Problem]:

@@ -28,15 +28,19 @@ TRAIN_PPL = "Train metrics/train/LanguagePerplexity"
 EVAL_CE = "Eval metrics/eval/LanguageCrossEntropy"
 EVAL_PPL = "Eval metrics/eval/LanguagePerplexity"
 TOKENS_PER_SECOND = "Train metrics/throughput/TokensPerSecond"
+GENERATION_METRICS = ("ExactMatch", "ContainsAnswer")
+"""The generation eval's values at each validation (``adapter.answer_eval``), of any
+objective that gives reference answers."""
 
 
 def metric_names(objective: str | None = None) -> list[str]:
     """Every metric line prefix the adapter prints (a line is ``<prefix>: <float>``): the
-    train and eval values of each registered objective (of ``objective`` alone when given)
-    and the throughput line, without repeats."""
+    train and eval values of each registered objective (of ``objective`` alone when given),
+    the generation eval's and the throughput line, without repeats."""
     specs = [OBJECTIVES[objective]] if objective is not None else list(OBJECTIVES.values())
     names = [TRAIN_PREFIX + name for spec in specs for name in spec.train_metrics]
     names += [EVAL_PREFIX + name for spec in specs for name in spec.eval_metrics]
+    names += [EVAL_PREFIX + name for name in GENERATION_METRICS]
     return list(dict.fromkeys([*names, TOKENS_PER_SECOND]))
 
 

@@ -223,8 +223,30 @@ class Trainer:
         totals, units = sums.named(reported[:-1]), reported[-1]
         value = totals["loss"] / max(units, 1.0)
         named = self._declared(self.objective.eval_metrics(totals, units), "eval_metrics")
-        self.metrics.eval(self.state.step, value, named)
+        self.metrics.eval(self.state.step, value, {**named, **self._answer_scores()})
         return value
+
+    def _answer_scores(self) -> dict[str, float]:
+        """The generation eval (``trainer.generation_eval_prompts``): ``ExactMatch`` and
+        ``ContainsAnswer`` of greedy answers (every rank runs as many forwards)."""
+        count = self.recipe.trainer.generation_eval_prompts
+        prompts = self.objective.reference_prompts(self.data.val, count) if count else []
+        if not prompts:
+            return {}
+        from adapter.answer_eval import answer_scores
+
+        with autocast(self.recipe, self.env.device):
+            return answer_scores(
+                self.model,
+                prompts,
+                functools.partial(self.tokenizer.decode, skip_special_tokens=True),
+                max_new_tokens=self.recipe.trainer.generation_eval_max_new_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                device=self.env.device,
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+            )
 
     # --- helpers ----------------------------------------------------------------------
     def _declared(self, values: dict[str, float], kind: str) -> dict[str, float]:

@@ -195,6 +195,59 @@ def test_evaluation_after_training_is_checked_at_launch(tmp_path: Path) -> None:
     ) in error, error
 
 
+# --- task metrics during training ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_reports_exact_match_at_each_validation_and_it_rises(demo_run: Path) -> None:
+    evals = [
+        r for r in map(json.loads, (demo_run / "metrics.jsonl").open()) if r["split"] == "eval"
+    ]
+    assert [r["step"] for r in evals] == [100, 200, DEMO_STEPS]
+    exact = [r["ExactMatch"] for r in evals]
+    assert exact[-1] > exact[0], exact
+    assert all(r["ContainsAnswer"] >= r["ExactMatch"] for r in evals)
+    output = (demo_run / "output.txt").read_text()
+    printed = re.findall(r"^Eval metrics/eval/ExactMatch: (\S+)$", output, re.M)
+    assert [float(v) for v in printed] == pytest.approx(exact, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_generation_eval_keeps_two_fsdp_ranks_in_step(tmp_path: Path) -> None:
+    """9 prompts over 2 ranks: one rank answers 5, the other 4 and a dummy one; a rank that
+    ran fewer forwards would hang the other (bounded by the timeout)."""
+    done = run_main(
+        "recipes=tiny_llama_sft",
+        f"base_results_dir={tmp_path}",
+        "recipes.trainer.devices=2",
+        "recipes.model.train_batch_size=16",
+        "recipes.trainer.max_steps=20",
+        "recipes.trainer.val_check_interval=10",
+        "recipes.trainer.generation_eval_prompts=9",
+        "recipes.trainer.accelerator=cpu",
+        "recipes.model.data.num_synthetic_samples=200",
+        "recipes.exp_manager.checkpoint_callback_params.every_n_train_steps=0",
+        "recipes.exp_manager.export_full_model.save_last=false",
+        "recipes.exp_manager.create_tensorboard_logger=false",
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = tmp_path / "tiny_llama_sft"
+    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert all(r["ExactMatch"] * 9 == pytest.approx(round(r["ExactMatch"] * 9)) for r in evals)
+    assert done.stdout.count("Eval metrics/eval/ExactMatch: ") == 2
+
+
+def test_answers_are_normalised_before_they_are_compared() -> None:
+    from adapter.answer_eval import score
+
+    assert score(" 42.\n", "42") == (True, True)
+    assert score("The Answer is  42", "answer IS 42") == (False, True)
+    assert score("4", "42") == (False, False)
+    assert score("", "") == (True, False)
+
+
 def test_shipped_task_data_is_its_generators_output() -> None:
     sys.path.insert(0, str(TASKS_DIR / "tiny_arithmetic"))
     try:

@@ -50,6 +50,8 @@ def test_metric_names_are_every_objectives_lines_and_throughput() -> None:
         "Train metrics/train/LanguagePerplexity",
         "Eval metrics/eval/LanguageCrossEntropy",
         "Eval metrics/eval/LanguagePerplexity",
+        "Eval metrics/eval/ExactMatch",
+        "Eval metrics/eval/ContainsAnswer",
         "Train metrics/throughput/TokensPerSecond",
     ]
 
@@ -61,6 +63,8 @@ def test_a_registered_objective_adds_its_lines(monkeypatch: pytest.MonkeyPatch) 
         "Train metrics/train/ReferenceCrossEntropy",
         "Eval metrics/eval/SequenceCrossEntropy",
         "Eval metrics/eval/ReferenceCrossEntropy",
+        "Eval metrics/eval/ExactMatch",
+        "Eval metrics/eval/ContainsAnswer",
         "Train metrics/throughput/TokensPerSecond",
     ]
     assert "Train metrics/train/LanguageCrossEntropy" in metric_names()

@@ -471,7 +471,7 @@ def adapter_metric_lines(exp_dir: Path) -> list[str]:
     with contextlib.redirect_stdout(out):
         values = {"loss": 2.5, "lr": 1e-4, "grad_norm": 0.7, "tokens_per_s": 12345.6}
         logger.train(5, values, sft_metrics(2.5))
-        logger.eval(5, 2.25, sft_metrics(2.25))
+        logger.eval(5, 2.25, {**sft_metrics(2.25), "ExactMatch": 0.5, "ContainsAnswer": 0.75})
     return out.getvalue().splitlines()
 
 
@@ -482,6 +482,8 @@ def test_metric_definitions_parse_adapter_lines(tmp_path: Path) -> None:
         "train:LanguagePerplexity": 12.182494,
         "eval:LanguageCrossEntropy": 2.25,
         "eval:LanguagePerplexity": 9.487736,
+        "eval:ExactMatch": 0.5,
+        "eval:ContainsAnswer": 0.75,
         "train:TokensPerSecond": 12345.6,
     }
     for definition in metric_definitions():
