@@ -180,6 +180,17 @@ class ExpManagerConfig:
     """Hugging Face export of the trained model."""
     evaluate_after_training: EvaluateAfterTraining = nested(EvaluateAfterTraining)
     """Task scores of the final export (needs ``export_full_model.save_last``)."""
+    create_mlflow_logger: bool = False
+    """Send every metric, the recipe (parameters), the loss plot and eval results to MLflow
+    (rank 0; ``adapter.tracking``)."""
+    mlflow_logger_kwargs: dict[str, Any] = bounded({})
+    """``tracking_uri`` (a server URL, a SageMaker MLflow tracking server ARN, a path),
+    ``experiment_name`` and ``run_name`` (both default to ``run.name``)."""
+    create_wandb_logger: bool = False
+    """The same to Weights & Biases."""
+    wandb_logger_kwargs: dict[str, Any] = bounded({})
+    """``project``, ``name`` (both default to ``run.name``), ``mode`` (``online``,
+    ``offline``), ``entity``: keywords of ``wandb.init``."""
 
 
 @dataclass(kw_only=True)

@@ -104,6 +104,7 @@ class Trainer:
             self.total_steps,
             enabled=self.env.is_main,
             tensorboard=recipe.exp_manager.create_tensorboard_logger,
+            recipe=recipe,
         )
 
     def checkpoint_state(self) -> dict[str, Stateful]:

@@ -193,7 +193,10 @@ class TrainingWorkload(RecipeWorkload):
 
     def requirements(self) -> list[str]:
         extra = [TENSORBOARD_REQUIREMENT] if self.writes("tensorboard") else []
-        if self.recipe.exp_manager.evaluate_after_training.tasks:
+        exp = self.recipe.exp_manager
+        extra += ["mlflow>=2.16"] if exp.create_mlflow_logger else []
+        extra += ["wandb>=0.19"] if exp.create_wandb_logger else []
+        if exp.evaluate_after_training.tasks:
             from launcher.workloads.evaluation import LM_EVAL_REQUIREMENT
 
             extra.append(LM_EVAL_REQUIREMENT)
