@@ -89,7 +89,10 @@ RULES: tuple[WorkloadRule, ...] = (model_is_there, tasks_are_known)
 def task_metric_lines(tasks: list[str], include_path: list[str]) -> list[str]:
     """The ``Eval metrics/<task>/<metric>`` lines the tasks print, from their YAMLs'
     ``metric_list`` (and ``filter_list``): the shipped tasks' and those lm-eval indexes;
-    none for a task whose YAML says none (a group, a Python task)."""
+    none for a task whose YAML says none (a group, a Python task), and none at all where
+    lm-eval is not installed (``tasks_are_known`` warns)."""
+    if importlib.util.find_spec("lm_eval") is None:
+        return []
     from adapter.evaluate import task_manager
 
     manager = task_manager(tasks, include_path)
