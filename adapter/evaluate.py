@@ -284,6 +284,9 @@ def evaluate_after_training(recipe: Any, model_path: Path) -> int:
     row = {"split": "tasks", "step": step, "time": round(time.time(), 3), **values}
     with open(metrics, "a") as jsonl:
         jsonl.write(json.dumps(row) + "\n")
+    from adapter.tracking import log_evaluation
+
+    log_evaluation(exp_dir, step, values, exp_dir / RESULTS_FILE)
     return 0
 
 

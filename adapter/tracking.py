@@ -14,6 +14,7 @@ the ``sagemaker-mlflow`` plugin is installed.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -26,6 +27,8 @@ PARAM_BATCH = 100
 """MLflow takes at most 100 parameters per call."""
 PARAM_LENGTH = 500
 ARTIFACTS = ("loss.png", "eval_results.json", "recipe.yaml")
+RUNS_FILE = "tracking_runs.json"
+"""Which tracking runs the training logged to, for the evaluation after it to add to."""
 
 
 @dataclass
@@ -91,6 +94,28 @@ class Trackers:
             for path in files:
                 tracker.call("artifact", path)
             tracker.call("close")
+        resumable = {t.name: t.client.resume_info() for t in self.trackers if not t.failed}
+        if resumable:
+            (self.exp_dir / RUNS_FILE).write_text(json.dumps(resumable, indent=2) + "\n")
+
+
+def log_evaluation(exp_dir: Path, step: int, values: Mapping[str, float], results: Path) -> None:
+    """The scores of ``exp_manager.evaluate_after_training`` (``tasks/<task>/<metric>`` at
+    ``step``) and its ``results`` file, into the runs the training logged to (``RUNS_FILE``)."""
+    runs_file = exp_dir / RUNS_FILE
+    if not runs_file.is_file():
+        return
+    for name, info in json.loads(runs_file.read_text()).items():
+        cls = {"MLflow": MLflowClient, "W&B": WandbClient}[name]
+        try:
+            client = cls.resume(info, exp_dir)
+        except Exception as exc:  # the run has its results in its own files regardless
+            warn(f"{name} tracking of the evaluation is off: {type(exc).__name__}: {exc}")
+            continue
+        tracker = Tracker(name, client)
+        tracker.call("metrics", {f"tasks/{k}": float(v) for k, v in values.items()}, step)
+        tracker.call("artifact", results)
+        tracker.call("close")
 
 
 def build_trackers(exp: Any, exp_dir: Path, run_name: str) -> Trackers:
@@ -131,6 +156,21 @@ class MLflowClient:
         self.run = mlflow.start_run(run_name=kwargs.get("run_name") or run_name)
         print(f"MLflow run {self.run.info.run_id} at {mlflow.get_tracking_uri()}", flush=True)
 
+    def resume_info(self) -> dict[str, Any]:
+        return {"run_id": self.run.info.run_id, "tracking_uri": self.mlflow.get_tracking_uri()}
+
+    @classmethod
+    def resume(cls, info: dict[str, Any], exp_dir: Path) -> MLflowClient:
+        for key, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        import mlflow
+
+        client = cls.__new__(cls)
+        client.mlflow = mlflow
+        mlflow.set_tracking_uri(info["tracking_uri"])
+        client.run = mlflow.start_run(run_id=info["run_id"])
+        return client
+
     def params(self, flat: dict[str, str]) -> None:
         items = list(flat.items())
         for i in range(0, len(items), PARAM_BATCH):
@@ -158,6 +198,20 @@ class WandbClient:
         kwargs.setdefault("dir", str(exp_dir))
         settings = wandb.Settings(init_timeout=float(kwargs.pop("init_timeout", 60)))
         self.run = wandb.init(settings=settings, **kwargs)
+        self.kwargs = kwargs
+
+    def resume_info(self) -> dict[str, Any]:
+        keys = ("project", "entity", "mode", "dir")
+        return {"id": self.run.id, **{k: self.kwargs[k] for k in keys if k in self.kwargs}}
+
+    @classmethod
+    def resume(cls, info: dict[str, Any], exp_dir: Path) -> WandbClient:
+        import wandb
+
+        client = cls.__new__(cls)
+        client.kwargs = dict(info)
+        client.run = wandb.init(resume="allow", **info)
+        return client
 
     def params(self, flat: dict[str, str]) -> None:
         self.run.config.update(flat, allow_val_change=True)

@@ -182,3 +182,45 @@ def test_a_dead_tracking_server_is_a_warning_and_the_run_completes(tmp_path: Pat
     assert "WARNING tracking: MLflow tracking is off: " in output, output
     assert len(read_metrics(tmp_path / "tiny_llama_sft")) == 4
     assert time.monotonic() - started < 200
+
+
+@pytest.mark.slow
+def test_evaluation_after_training_goes_to_the_training_runs(
+    mlflow_server: str, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from adapter.config import ExpManagerConfig
+    from adapter.schema import load
+    from adapter.tracking import build_trackers, log_evaluation
+
+    exp = load(
+        ExpManagerConfig,
+        {
+            "create_mlflow_logger": True,
+            "mlflow_logger_kwargs": {"tracking_uri": mlflow_server, "experiment_name": "after"},
+            "create_wandb_logger": True,
+            "wandb_logger_kwargs": {"project": "after", "mode": "offline"},
+        },
+    )
+    trackers = build_trackers(exp, tmp_path, "after-training")
+    trackers.metrics("train", 5, {"loss": 1.5})
+    trackers.close()  # training ends; the evaluation runs after it
+    results = tmp_path / "eval_results.json"
+    results.write_text('{"results": {}}\n')
+    log_evaluation(tmp_path, 5, {"tiny_arithmetic/exact_match": 0.25}, results)
+
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("after").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "tasks/tiny_arithmetic/exact_match")
+    assert [(m.step, m.value) for m in history] == [(5, 0.25)]
+    assert "eval_results.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len({f.name for f in files}) == 1  # the same run id, resumed
+    logged = [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for f in files
+        for r in wandb_records(f)
+        if r.WhichOneof("record_type") == "history"
+    ]
+    assert {"_step": 5, "tasks/tiny_arithmetic/exact_match": 0.25}.items() <= logged[-1].items()
