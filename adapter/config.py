@@ -17,6 +17,7 @@ from typing import Any, Literal
 from adapter.elastic import ElasticPolicy, batch_problems, world_size_problems
 from adapter.families import FAMILIES, GENERIC_ARCH_KEYS, REMOTE_CODE, unknown_family
 from adapter.objectives import OBJECTIVES, unknown_objective
+from adapter.reporting_config import GenerationEvalKeys, ReportingKeys, evaluation_problems
 from adapter.schema import ConfigError, Problem, bounded, load, nested, rule, to_dict
 
 Precision = Literal["32", "bf16", "16"]
@@ -59,7 +60,7 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
-class TrainerConfig:
+class TrainerConfig(GenerationEvalKeys):
     """Where and how long to train (``trainer``): devices and nodes, precision, steps or
     epochs, and how often to evaluate and log."""
 
@@ -81,11 +82,6 @@ class TrainerConfig:
     """Evaluate on at most this many micro-batches per rank; 0 = the whole validation set."""
     log_every_n_steps: int = bounded(10, ge=1)
     """Print/record metrics every N optimizer steps."""
-    generation_eval_prompts: int = bounded(0, ge=0)
-    """At each validation, greedy answers to up to this many validation prompts with
-    reference answers, scored as ``ExactMatch`` and ``ContainsAnswer``; 0 = off."""
-    generation_eval_max_new_tokens: int = bounded(16, ge=1)
-    """Tokens generated at most per answer of the generation eval."""
 
     @rule("max_steps", "max_epochs")
     def _has_a_length(self) -> list[Problem]:
@@ -140,25 +136,7 @@ class ExportFullModel:
 
 
 @dataclass(kw_only=True)
-class EvaluateAfterTraining:
-    """lm-evaluation-harness on the final export once training ends (``kind: eval``'s job,
-    ``adapter.evaluate``): results in ``<exp_dir>/eval_results.json`` and the run's log."""
-
-    tasks: list[str] = bounded([])
-    """lm-eval task names (or the shipped ``tiny_arithmetic``, ``tiny_arithmetic_mc``);
-    empty: no evaluation."""
-    num_fewshot: int | None = bounded(None, ge=0)
-    """Few-shot examples per prompt; null: each task's default."""
-    limit: float | None = bounded(None, gt=0)
-    """Documents per task: a count (>= 1) or a fraction (< 1); null: all."""
-    batch_size: int = bounded(8, ge=1)
-    """Requests per forward."""
-    gen_kwargs: dict[str, Any] = bounded({})
-    """Generation settings over the tasks' own."""
-
-
-@dataclass(kw_only=True)
-class ExpManagerConfig:
+class ExpManagerConfig(ReportingKeys):
     """Where a run's results go and how it resumes (``exp_manager``): experiment and
     checkpoint directories, auto-resume, async checkpoints, TensorBoard, exports."""
 
@@ -178,19 +156,6 @@ class ExpManagerConfig:
     """When to save sharded checkpoints and how many to keep."""
     export_full_model: ExportFullModel = nested(ExportFullModel)
     """Hugging Face export of the trained model."""
-    evaluate_after_training: EvaluateAfterTraining = nested(EvaluateAfterTraining)
-    """Task scores of the final export (needs ``export_full_model.save_last``)."""
-    create_mlflow_logger: bool = False
-    """Send every metric, the recipe (parameters), the loss plot and eval results to MLflow
-    (rank 0; ``adapter.tracking``)."""
-    mlflow_logger_kwargs: dict[str, Any] = bounded({})
-    """``tracking_uri`` (a server URL, a SageMaker MLflow tracking server ARN, a path),
-    ``experiment_name`` and ``run_name`` (both default to ``run.name``)."""
-    create_wandb_logger: bool = False
-    """The same to Weights & Biases."""
-    wandb_logger_kwargs: dict[str, Any] = bounded({})
-    """``project``, ``name`` (both default to ``run.name``), ``mode`` (``online``,
-    ``offline``), ``entity``: keywords of ``wandb.init``."""
 
 
 @dataclass(kw_only=True)
@@ -561,30 +526,9 @@ class Recipe:
             )
         ]
 
-    @rule(
-        "exp_manager.evaluate_after_training.tasks",
-        "exp_manager.export_full_model.save_last",
-        "exp_manager.export_full_model.merge_peft",
-        "model.peft.peft_type",
-    )
+    @rule("exp_manager.evaluate_after_training", "exp_manager.export_full_model", "model.peft")
     def _evaluation_has_a_model(self) -> list[Problem]:
-        exp = self.exp_manager
-        if not exp.evaluate_after_training.tasks:
-            return []
-        key = "exp_manager.evaluate_after_training.tasks"
-        if not exp.export_full_model.save_last:
-            fix = "set exp_manager.export_full_model.save_last=true"
-            return [
-                Problem(key, f"evaluates the final export, which this run doesn't write: {fix}")
-            ]
-        if self.model.peft.peft_type and not exp.export_full_model.merge_peft:
-            fix = "set exp_manager.export_full_model.merge_peft=true"
-            return [
-                Problem(
-                    key, f"evaluates the merged model, which this PEFT run doesn't write: {fix}"
-                )
-            ]
-        return []
+        return evaluation_problems(self)
 
     @rule(
         "elastic_policy",
