@@ -27,6 +27,7 @@ from adapter.families import (
 )
 from adapter.objectives import OBJECTIVES, unknown_objective
 from adapter.objectives.dpo_config import DPOConfig, dpo_problems
+from adapter.reporting_config import GenerationEvalKeys, ReportingKeys, evaluation_problems
 from adapter.schema import ConfigError, Problem, bounded, load, nested, rule, to_dict
 
 Precision = Literal["32", "bf16", "16"]
@@ -61,7 +62,7 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
-class TrainerConfig:
+class TrainerConfig(GenerationEvalKeys):
     """Where and how long to train (``trainer``): devices and nodes, precision, steps or
     epochs, and how often to evaluate and log."""
 
@@ -156,7 +157,7 @@ class ExportFullModel:
 
 
 @dataclass(kw_only=True)
-class ExpManagerConfig:
+class ExpManagerConfig(ReportingKeys):
     """Where a run's results go and how it resumes (``exp_manager``): experiment and
     checkpoint directories, auto-resume, async checkpoints, TensorBoard, exports."""
 
@@ -507,6 +508,10 @@ class Recipe:
                 f"{self.trainer.num_nodes} = {per_step} (e.g. {nearest})",
             )
         ]
+
+    @rule("exp_manager.evaluate_after_training", "exp_manager.export_full_model", "model.peft")
+    def _evaluation_has_a_model(self) -> list[Problem]:
+        return evaluation_problems(self)
 
     @rule(
         "elastic_policy",

@@ -21,6 +21,8 @@ from adapter.objectives import OBJECTIVES
 if TYPE_CHECKING:
     import torch
 
+    from adapter.config import Recipe
+
 TRAIN_PREFIX = "Train metrics/train/"
 EVAL_PREFIX = "Eval metrics/eval/"
 TRAIN_CE = "Train metrics/train/LanguageCrossEntropy"
@@ -28,15 +30,19 @@ TRAIN_PPL = "Train metrics/train/LanguagePerplexity"
 EVAL_CE = "Eval metrics/eval/LanguageCrossEntropy"
 EVAL_PPL = "Eval metrics/eval/LanguagePerplexity"
 TOKENS_PER_SECOND = "Train metrics/throughput/TokensPerSecond"
+GENERATION_METRICS = ("ExactMatch", "ContainsAnswer")
+"""The generation eval's values at each validation (``adapter.answer_eval``), of any
+objective that gives reference answers."""
 
 
 def metric_names(objective: str | None = None) -> list[str]:
     """Every metric line prefix the adapter prints (a line is ``<prefix>: <float>``): the
-    train and eval values of each registered objective (of ``objective`` alone when given)
-    and the throughput line, without repeats."""
+    train and eval values of each registered objective (of ``objective`` alone when given),
+    the generation eval's and the throughput line, without repeats."""
     specs = [OBJECTIVES[objective]] if objective is not None else list(OBJECTIVES.values())
     names = [TRAIN_PREFIX + name for spec in specs for name in spec.train_metrics]
     names += [EVAL_PREFIX + name for spec in specs for name in spec.eval_metrics]
+    names += [EVAL_PREFIX + name for name in GENERATION_METRICS]
     return list(dict.fromkeys([*names, TOKENS_PER_SECOND]))
 
 
@@ -81,7 +87,14 @@ class MetricsLogger:
     """Writes metrics on rank 0 (stdout lines, ``metrics.jsonl``, TensorBoard, ``loss.png``);
     every method is a no-op on other ranks."""
 
-    def __init__(self, exp_dir: Path, total_steps: int, enabled: bool, tensorboard: bool) -> None:
+    def __init__(
+        self,
+        exp_dir: Path,
+        total_steps: int,
+        enabled: bool,
+        tensorboard: bool,
+        recipe: Recipe | None = None,
+    ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.exp_dir = exp_dir
@@ -96,6 +109,16 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(exp_dir / "tensorboard"))
+        self.tracking = None
+        """MLflow / W&B (``adapter.tracking``), when the recipe's ``exp_manager`` enables them."""
+        exp = recipe.exp_manager if recipe is not None else None
+        if enabled and exp is not None and (exp.create_mlflow_logger or exp.create_wandb_logger):
+            from adapter.schema import to_dict
+            from adapter.tracking import build_trackers
+
+            assert recipe is not None
+            self.tracking = build_trackers(exp, exp_dir, recipe.run.name)
+            self.tracking.params(to_dict(recipe))
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -156,12 +179,16 @@ class MetricsLogger:
         if self.writer:
             self.writer.close()
         self._plot()
+        if self.tracking:
+            self.tracking.close()
 
     def _record(self, split: str, step: int, values: dict[str, Any]) -> None:
         row = {"split": split, "step": step, "time": round(time.time(), 3), **values}
         assert self.jsonl is not None
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
+        if self.tracking:
+            self.tracking.metrics(split, step, values)
         if self.writer:
             for key, value in values.items():
                 if isinstance(value, (int, float)):

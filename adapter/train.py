@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from adapter.config import load_recipe
+from adapter.config import Recipe, load_recipe
 from adapter.lifetime import die_with_current_parent
 from adapter.schema import ConfigError
 from adapter.stop import STOPPED_EXIT_CODE, StopRequested, StopSignals
@@ -56,7 +56,25 @@ def run(args: list[str], stop: StopSignals) -> int:
     hf_logging.disable_progress_bar()  # tqdm bars garble logs collected from every rank
     from adapter.errors import run_reporting_user_errors
 
-    return run_reporting_user_errors(recipe, stop)
+    code = run_reporting_user_errors(recipe, stop)
+    if code == 0 and recipe.exp_manager.evaluate_after_training.tasks:
+        return evaluate_export(recipe)
+    return code
+
+
+def evaluate_export(recipe: Recipe) -> int:
+    """``exp_manager.evaluate_after_training`` on rank 0 once every rank is done (the
+    process group is gone, so no rank waits in a collective meanwhile)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    from adapter.evaluate import evaluate_after_training
+    from adapter.export import export_root
+    from adapter.layout import MERGED_DIR
+
+    root = export_root(recipe)
+    return evaluate_after_training(
+        recipe, root / MERGED_DIR if recipe.model.peft.peft_type else root
+    )
 
 
 if __name__ == "__main__":

@@ -40,9 +40,10 @@ from adapter.faults import NonFiniteGuard, prepare_nccl_dumps
 from adapter.generation import generate
 from adapter.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
 from adapter.objectives import OBJECTIVES
-from adapter.objectives.base import LossOutput, Objective, TrainingData, objective_class
+from adapter.objectives.base import Objective, TrainingData, objective_class
 from adapter.optim import build_optimizer, build_scheduler
 from adapter.parallel import autocast, describe_parallelism, set_gradient_sync
+from adapter.step_sums import Sums
 from adapter.stop import STOPPED_EXIT_CODE, StopRequested, StopSignals, write_stop_record
 from adapter.tokenizer import load_tokenizer, save_trained_tokenizer, saved_or_trained_tokenizer
 
@@ -123,6 +124,7 @@ class Trainer:
             self.total_steps,
             enabled=self.env.is_main,
             tensorboard=recipe.exp_manager.create_tensorboard_logger,
+            recipe=recipe,
         )
         self.non_finite = NonFiniteGuard(
             recipe.trainer.non_finite, fp16, self.metrics.info, self._last_checkpoint
@@ -270,8 +272,19 @@ class Trainer:
         totals, units = sums.named(reported[:-1]), reported[-1]
         value = totals["loss"] / max(units, 1.0)
         named = self._declared(self.objective.eval_metrics(totals, units), "eval_metrics")
-        self.metrics.eval(self.state.step, value, named)
+        self.metrics.eval(self.state.step, value, {**named, **self._answer_scores()})
         return value
+
+    def _answer_scores(self) -> dict[str, float]:
+        """The generation eval (``trainer.generation_eval_prompts``): ``ExactMatch`` and
+        ``ContainsAnswer`` of greedy answers (every rank runs as many forwards)."""
+        if not self.recipe.trainer.generation_eval_prompts:
+            return {}
+        from adapter.answer_eval import generation_eval
+
+        return generation_eval(
+            self.recipe, self.model, self.objective, self.data.val, self.tokenizer, self.env
+        )
 
     # --- helpers ----------------------------------------------------------------------
     def _declared(self, values: dict[str, float], kind: str) -> dict[str, float]:
@@ -488,41 +501,6 @@ class Trainer:
                 f"(expected {decode(sample.expected)!r})"
             )
         return completions.tokens
-
-
-class Sums:
-    """The summed loss and the objective's named sums over micro-batches, on the device
-    (``loss`` first, then the keys of ``LossOutput.sums`` as the first batch had them)."""
-
-    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
-        self.dtype = dtype
-        self.device = device
-        self.values: dict[str, torch.Tensor] = {"loss": self._zero()}
-
-    def _zero(self) -> torch.Tensor:
-        return torch.zeros((), dtype=self.dtype, device=self.device)
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def add(self, output: LossOutput) -> None:
-        for key, value in {"loss": output.loss, **output.sums}.items():
-            if key not in self.values:
-                self.values[key] = self._zero()
-            self.values[key] += value.detach().to(self.dtype)
-
-    def stacked(self) -> torch.Tensor:
-        return torch.stack(list(self.values.values()))
-
-    def all_reduced(self, *extra: torch.Tensor) -> torch.Tensor:
-        """The sums over every rank (one collective), stacked in key order, then the sums of
-        the 1-D tensors ``extra``."""
-        stacked = torch.cat([self.stacked(), *extra]) if extra else self.stacked()
-        dist.all_reduce(stacked)
-        return stacked
-
-    def named(self, values: list[float]) -> dict[str, float]:
-        return dict(zip(self.values, values, strict=True))
 
 
 # --- set-up -----------------------------------------------------------------------------

@@ -56,6 +56,8 @@ def test_metric_names_are_every_objectives_lines_and_throughput() -> None:
         "Train metrics/train/RewardsRejected",
         "Eval metrics/eval/LanguageCrossEntropy",
         "Eval metrics/eval/LanguagePerplexity",
+        "Eval metrics/eval/ExactMatch",
+        "Eval metrics/eval/ContainsAnswer",
         "Eval metrics/eval/DPOLoss",
         "Eval metrics/eval/RewardAccuracy",
         "Eval metrics/eval/RewardMargin",
@@ -72,6 +74,8 @@ def test_a_registered_objective_adds_its_lines(monkeypatch: pytest.MonkeyPatch) 
         "Train metrics/train/ReferenceCrossEntropy",
         "Eval metrics/eval/SequenceCrossEntropy",
         "Eval metrics/eval/ReferenceCrossEntropy",
+        "Eval metrics/eval/ExactMatch",
+        "Eval metrics/eval/ContainsAnswer",
         "Train metrics/throughput/TokensPerSecond",
     ]
     assert "Train metrics/train/LanguageCrossEntropy" in metric_names()

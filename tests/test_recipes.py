@@ -34,7 +34,13 @@ from launcher.instances import instance_spec
 from tests.conftest import REPO, read_metrics
 
 COLLECTION = REPO / "recipes_collection"
-RECIPES = sorted(p.stem for p in (COLLECTION / "recipes").glob("*.yaml"))
+EVAL = sorted(
+    p.stem
+    for p in (COLLECTION / "recipes").glob("*.yaml")
+    if yaml.safe_load(p.read_text()).get("kind") == "eval"
+)
+"""Evaluation recipes: rendered and run in test_evaluation.py."""
+RECIPES = sorted(p.stem for p in (COLLECTION / "recipes").glob("*.yaml") if p.stem not in EVAL)
 CUSTOM = [
     r
     for r in RECIPES
@@ -47,7 +53,11 @@ TINY_SFT = [r for r in TINY if r.endswith("_sft")]
 FULL_SIZE = [r for r in TRAIN if r not in TINY]
 CLUSTERS = sorted(p.stem for p in (COLLECTION / "cluster").glob("*.yaml"))
 SHRINKS = sorted(p.stem for p in (COLLECTION / "shrink").glob("[!_]*.yaml"))
-SCRIPTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "launcher_scripts").glob("*/*.sh"))
+SCRIPTS = sorted(
+    str(p.relative_to(REPO))
+    for p in (REPO / "launcher_scripts").glob("*/*.sh")
+    if p.parent.name != "eval"
+)
 
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss")
 STAND_IN = {"chatglm": "glm"}

@@ -482,7 +482,7 @@ def adapter_metric_lines(exp_dir: Path) -> list[str]:
     with contextlib.redirect_stdout(out):
         values = {"loss": 2.5, "lr": 1e-4, "grad_norm": 0.7, "tokens_per_s": 12345.6}
         logger.train(5, values, {**sft_metrics(2.5), "RouterAuxLoss": 2.0625})
-        logger.eval(5, 2.25, sft_metrics(2.25))
+        logger.eval(5, 2.25, {**sft_metrics(2.25), "ExactMatch": 0.5, "ContainsAnswer": 0.75})
         logger.train(5, {**values, "loss": 0.5, "tokens_per_s": 23.5}, DPO_METRICS)
         logger.eval(5, 0.5, DPO_METRICS)
     return out.getvalue().splitlines()
@@ -496,6 +496,8 @@ def test_metric_definitions_parse_adapter_lines(tmp_path: Path) -> None:
         "train:RouterAuxLoss": [2.0625],
         "eval:LanguageCrossEntropy": [2.25],
         "eval:LanguagePerplexity": [9.487736],
+        "eval:ExactMatch": [0.5],
+        "eval:ContainsAnswer": [0.75],
         **{f"{split}:{name}": [value] for name, value in DPO_METRICS.items() for split in SPLITS},
         "train:TokensPerSecond": [12345.6, 23.5],
     }

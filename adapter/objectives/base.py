@@ -192,6 +192,12 @@ class Objective(ABC):
         the model, as many times on every rank. Default: none."""
         return []
 
+    def reference_prompts(self, val: Sequence[Any], count: int) -> list[SamplePrompt]:
+        """Up to ``count`` prompts from ``val`` with the reference answer (``expected``) the
+        generation eval scores greedy answers against (the same on every rank). Default:
+        none (the objective has no reference answers)."""
+        return []
+
     # --- resumable state ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The objective's own state a resumed run needs (e.g. a sampling generator):

@@ -108,6 +108,11 @@ class SFT(Objective):
     def sample_prompts(self, val: Sequence[Sample], count: int) -> list[SamplePrompt]:
         return [sample_prompt(sample) for sample in val[:count]]
 
+    def reference_prompts(self, val: Sequence[Sample], count: int) -> list[SamplePrompt]:
+        from adapter.answer_eval import reference_prompts
+
+        return reference_prompts(val, count, self.tokenizer.eos_token_id)
+
 
 def forward(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
     """The summed next-token cross-entropy of ``batch`` (moved to ``device``)."""

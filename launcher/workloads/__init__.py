@@ -2,7 +2,8 @@
 
 A recipe without ``kind`` (or ``kind: train``) is the adapter's training recipe
 (``launcher.workloads.training``); ``kind: custom`` runs your own script
-(``launcher.workloads.custom``). Every backend runs every kind: it asks the job's workload
+(``launcher.workloads.custom``); ``kind: eval`` evaluates a model with lm-evaluation-harness
+(``launcher.workloads.evaluation``). Every backend runs every kind: it asks the job's workload
 (``launcher.workloads.base.Workload``) for everything it renders. Workloads are imported
 lazily, as backends are, so that this package stays importable from ``launcher.job``.
 """
@@ -18,6 +19,7 @@ from launcher.workloads.base import Workload
 WORKLOADS: dict[str, str] = {
     "train": "launcher.workloads.training:TrainingWorkload",
     "custom": "launcher.workloads.custom:CustomWorkload",
+    "eval": "launcher.workloads.evaluation:EvalWorkload",
 }
 DEFAULT_KIND = "train"
 """The kind of a recipe that names none."""

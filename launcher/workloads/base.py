@@ -152,6 +152,13 @@ class Workload(ABC):
         """The code directory a backend that uploads code stages; None: the adapter package."""
         return None
 
+    def metric_lines(self) -> list[str]:
+        """The prefixes of the metric lines its ranks print (``<prefix>: <float>``), which
+        SageMaker's metric definitions parse: the adapter's (every objective's) by default."""
+        from adapter.metrics import metric_names
+
+        return metric_names()
+
     @abstractmethod
     def requirements(self) -> list[str]:
         """pip requirements of the code beyond PyTorch (installed by backends whose image

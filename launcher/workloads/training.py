@@ -150,6 +150,20 @@ def export_hint(value: str) -> str:
     )
 
 
+AFTER_TRAINING = f"{EXP}.evaluate_after_training.tasks"
+
+
+@rule(AFTER_TRAINING, "container")
+def evaluation_tasks_are_known(job: Job) -> list[Problem]:
+    """``evaluate_after_training``'s tasks exist (lm-eval imported only when it has some)."""
+    tasks = _recipe(job).exp_manager.evaluate_after_training.tasks
+    if not tasks:
+        return []
+    from launcher.workloads.evaluation import task_problems
+
+    return task_problems(AFTER_TRAINING, tasks, [], job.reads_launch_files)
+
+
 @dataclass
 class TrainingWorkload(RecipeWorkload):
     """The adapter's training recipe: the adapter (``adapter.train``) on every rank, under
@@ -164,6 +178,7 @@ class TrainingWorkload(RecipeWorkload):
         data_paths_exist,
         resume_checkpoint_exists,
         model_paths_exist,
+        evaluation_tasks_are_known,
     )
     path_keys: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "data": (f"{DATA}.train_dir", f"{DATA}.val_dir"),
@@ -225,6 +240,13 @@ class TrainingWorkload(RecipeWorkload):
 
     def requirements(self) -> list[str]:
         extra = [TENSORBOARD_REQUIREMENT] if self.writes("tensorboard") else []
+        exp = self.recipe.exp_manager
+        extra += ["mlflow>=2.16"] if exp.create_mlflow_logger else []
+        extra += ["wandb>=0.19"] if exp.create_wandb_logger else []
+        if exp.evaluate_after_training.tasks:
+            from launcher.workloads.evaluation import LM_EVAL_REQUIREMENT
+
+            extra.append(LM_EVAL_REQUIREMENT)
         return [*DEFAULT_REQUIREMENTS, *extra]
 
     def inputs(self) -> list[InputPath]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,13 @@ METRIC_LINES = tuple(metric_names())
 
 def metric_name(line_prefix: str) -> str:
     """SageMaker's name of a metric line: ``Train metrics/train/LanguageCrossEntropy`` →
-    ``train:LanguageCrossEntropy``."""
+    ``train:LanguageCrossEntropy``; an eval job's ``Eval metrics/<task>/<metric>`` →
+    ``<task>:<metric>``."""
     split = line_prefix.split(" ", 1)[0].lower()
-    return f"{split}:{line_prefix.rsplit('/', 1)[-1]}"
-
-
-METRICS = {metric_name(prefix): prefix for prefix in METRIC_LINES}
-"""SageMaker metric name → the adapter's log line prefix."""
+    _, group, name = line_prefix.split("/", 2)
+    if split == "eval" and group != "eval":
+        return f"{group}:{name}"
+    return f"{split}:{name}"
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,8 @@ class JobSpec:
     local_root: str | None = None
     """Local mode: ``<run dir>/sagemaker_local``, the SDK's local container root; None for a
     job on SageMaker."""
+    metric_lines: tuple[str, ...] = METRIC_LINES
+    """The prefixes of the metric lines the job prints (``Workload.metric_lines``)."""
 
     @property
     def local_mode(self) -> bool:
@@ -232,6 +235,7 @@ def job_spec(job: Job) -> JobSpec:
         environment=tuple(sorted(job_environment(job).items())),
         source_dir=job.workload.source_dir,
         local_root=str(job.run_dir / LOCAL_ROOT) if cluster.local_mode else None,
+        metric_lines=tuple(job.workload.metric_lines()),
     )
 
 
@@ -259,11 +263,13 @@ def sm_recipe(job: Job) -> dict[str, Any]:
     return job.workload.recipe_dict(moved)
 
 
-def metric_definitions() -> list[dict[str, str]]:
-    """One definition per adapter metric line: ``<prefix>: <float>``."""
+def metric_definitions(lines: Sequence[str] = METRIC_LINES) -> list[dict[str, str]]:
+    """One definition per metric line ``<prefix>: <float>`` (by default the adapter's; a job
+    asks its workload for its own: ``Workload.metric_lines``)."""
+    named = {metric_name(prefix): prefix for prefix in lines}
     return [
         {"Name": name, "Regex": re.escape(prefix).replace("\\ ", " ") + ": " + FLOAT}
-        for name, prefix in METRICS.items()
+        for name, prefix in named.items()
     ]
 
 
@@ -413,7 +419,7 @@ def render_request(spec: JobSpec, job_name: str) -> dict[str, Any]:
         "AlgorithmSpecification": {
             "TrainingImage": spec.image,
             "TrainingInputMode": "File",
-            "MetricDefinitions": metric_definitions(),
+            "MetricDefinitions": metric_definitions(spec.metric_lines),
             "ContainerEntrypoint": list(SDK_ENTRYPOINT),
             "ContainerArguments": list(SDK_ARGUMENTS),
         },
