@@ -28,6 +28,8 @@ def composed(*overrides: str) -> dict:
 
 @pytest.mark.parametrize("recipe", TINY_RECIPES)
 def test_every_tiny_recipe_composes_and_validates_locally(recipe: str, tmp_path: Path) -> None:
+    if recipe == "tiny_llama_dpo":  # tunes the SFT demo's export: stand one in
+        (tmp_path / "tiny_llama_sft" / "hf_model").mkdir(parents=True)
     job, backend = plan(composed(f"recipes={recipe}", f"base_results_dir={tmp_path}"))
     assert backend.type == "local"
     assert job.run_dir == tmp_path / job.workload.recipe.run.name
@@ -95,9 +97,10 @@ def test_errors_are_reported_together_before_anything_is_written(results: Path) 
         "  - cluster.type: got 'slurmm' (did you mean `slurm`?); allowed values: k8s, local, "
         "slurm, sm_jobs",
         "  - recipes.trainer.max_step: unknown key (did you mean `max_steps`?); allowed keys "
-        "here: accelerator, collective_timeout_s, devices, generation_eval_max_new_tokens, "
-        "generation_eval_prompts, limit_val_batches, log_every_n_steps, max_epochs, max_steps, "
-        "non_finite, num_nodes, precision, stop_grace_s, val_check_interval",
+        "here: accelerator, collective_timeout_s, devices, eval_on_start, "
+        "generation_eval_max_new_tokens, generation_eval_prompts, limit_val_batches, "
+        "log_every_n_steps, max_epochs, max_steps, non_finite, num_nodes, precision, "
+        "stop_grace_s, val_check_interval",
         "  - recipes.trainer.precision: got 'bf17' (did you mean `bf16`?); allowed values: "
         "'32', 'bf16', '16'",
         "  - recipes.model.optim.lr: got -1.0; must be > 0.0",

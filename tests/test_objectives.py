@@ -56,13 +56,13 @@ def test_metric_names_are_every_objectives_lines_and_throughput() -> None:
         "Train metrics/train/RewardsRejected",
         "Eval metrics/eval/LanguageCrossEntropy",
         "Eval metrics/eval/LanguagePerplexity",
-        "Eval metrics/eval/ExactMatch",
-        "Eval metrics/eval/ContainsAnswer",
         "Eval metrics/eval/DPOLoss",
         "Eval metrics/eval/RewardAccuracy",
         "Eval metrics/eval/RewardMargin",
         "Eval metrics/eval/RewardsChosen",
         "Eval metrics/eval/RewardsRejected",
+        "Eval metrics/eval/ExactMatch",
+        "Eval metrics/eval/ContainsAnswer",
         "Train metrics/throughput/TokensPerSecond",
     ]
 
