@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from adapter.config import Recipe, recipe_hash
-from adapter.memory_plan.report import MemoryPlan, Target, one_line, render
+from adapter.memory_plan.report import PLANNED_OBJECTIVES, MemoryPlan, Target, one_line, render
 from adapter.schema import ConfigError, Problem
 from launcher.instances import instance_spec
 from launcher.job import Job
@@ -42,11 +42,21 @@ def recipe_of(job: Job) -> Recipe:
     if not isinstance(job.workload, TrainingWorkload):
         problem = Problem(
             "plan",
-            "a memory plan needs a training recipe (kind: train): this job runs its own "
-            "script, whose model the launcher doesn't know; launch it without plan=true",
+            f"a memory plan needs a training recipe (kind: train); this job is kind: "
+            f"{job.workload.kind}, whose step the plan doesn't model: launch it without "
+            "plan=true",
         )
         raise ConfigError([problem], "the launch config")
-    return job.workload.recipe
+    recipe = job.workload.recipe
+    if recipe.model.objective not in PLANNED_OBJECTIVES:
+        problem = Problem(
+            "plan",
+            f"the plan traces a supervised fine-tuning step; model.objective="
+            f"{recipe.model.objective} (two sequences per example, a reference model) isn't "
+            "modelled yet: launch it without plan=true",
+        )
+        raise ConfigError([problem], "the launch config")
+    return recipe
 
 
 def target_of(job: Job, recipe: Recipe) -> Target:

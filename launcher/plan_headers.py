@@ -26,7 +26,14 @@ from pathlib import Path
 
 import yaml
 
-from adapter.memory_plan.report import MemoryPlan, Target, gib, peak_line, time_line
+from adapter.memory_plan.report import (
+    PLANNED_OBJECTIVES,
+    MemoryPlan,
+    Target,
+    gib,
+    peak_line,
+    time_line,
+)
 from launcher.instances import instance_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +66,9 @@ def gpu_recipes() -> list[str]:
         data = yaml.safe_load(text)
         instance = instance_of(text)
         spec = instance_spec(instance) if instance else None
-        if data.get("kind", "train") == "train" and spec is not None and spec.gpus:
+        objective = (data.get("model") or {}).get("objective", "sft")
+        planned = data.get("kind", "train") == "train" and objective in PLANNED_OBJECTIVES
+        if planned and spec is not None and spec.gpus:
             names.append(path.stem)
     return names
 

@@ -60,8 +60,10 @@ def estimate(recipe: Recipe, arch: Architecture, backend: str = "nccl") -> Estim
     from adapter.memory_plan.trace import trace_step
 
     traced = traced_recipe(recipe)
-    depth = int(arch.config.num_hidden_layers)
-    depths = PROBE_DEPTHS if depth > PROBE_DEPTHS[-1] and uniform_layers(arch.config) else ()
+    text = arch.config.get_text_config()  # a multimodal model's decoder (Gemma 3)
+    depth = int(text.num_hidden_layers)
+    alike = text is arch.config and uniform_layers(text)
+    depths = PROBE_DEPTHS if depth > PROBE_DEPTHS[-1] and alike else ()
     if not depths:
         one = trace_step(traced, arch.config, arch.family, backend)
         return Estimate(

@@ -55,7 +55,7 @@ def measure(recipe: Recipe) -> dict[str, Any]:
     from adapter.optim import build_optimizer
 
     env = init_distributed(recipe.trainer)
-    vocab = int(architecture_of(recipe.model).config.vocab_size)
+    vocab = int(architecture_of(recipe.model).config.get_text_config().vocab_size)
     built = build_training_model(recipe, env, Vocabulary(vocab))
     model = built.module
     optimizer = build_optimizer(model, recipe.model.optim, env.device)

@@ -24,6 +24,10 @@ measures the adapter's own on an H200: ``bench/README.md``)."""
 
 Verdict = Literal["fits", "tight", "does not fit", "unknown"]
 
+PLANNED_OBJECTIVES = ("sft",)
+"""The objectives whose training step the plan traces (DPO's pairs and reference model
+aren't modelled yet)."""
+
 
 def verdict_of(peak_bytes: int, memory_gib: float | None) -> Verdict:
     """How a step's peak compares with the device's memory (see ``FITS_UP_TO``)."""

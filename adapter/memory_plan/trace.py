@@ -177,7 +177,7 @@ def trace_step(recipe: Recipe, config: Any, family: ModelFamily, backend: str = 
     collectives run on ``backend`` (nccl, gloo)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    batch = plan_batch(recipe, family, int(config.vocab_size))
+    batch = plan_batch(recipe, family, int(config.get_text_config().vocab_size))
     with fake_world(recipe.world_size):
         fake = FakeTensorMode(allow_non_fake_inputs=True)
         model = build_on_meta(recipe, config, family)
