@@ -43,6 +43,9 @@ class EvalTrainer:
     """Always 1: lm-eval's Hugging Face model runs data-parallel within a node."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     """``gpu`` requests GPUs from the cluster; ``auto`` decides by the instance type."""
+    stop_grace_s: int = bounded(30, ge=1, le=65535)
+    """Seconds from SIGTERM to SIGKILL on every backend (as a training recipe's
+    ``trainer.stop_grace_s``); an eval job saves nothing, so it only needs to exit."""
 
 
 @dataclass(kw_only=True)

@@ -70,7 +70,7 @@ def test_kind_selects_the_schema() -> None:
 def test_unknown_kind_lists_the_kinds() -> None:
     assert problems({"kind": "custon"}) == [
         "recipes.kind: got 'custon' (did you mean `custom`?); "
-        "allowed values: 'train' (the default), 'custom'"
+        "allowed values: 'train' (the default), 'custom', 'eval'"
     ]
 
 
