@@ -28,8 +28,11 @@ def composed(*overrides: str) -> dict:
 
 @pytest.mark.parametrize("recipe", TINY_RECIPES)
 def test_every_tiny_recipe_composes_and_validates_locally(recipe: str, tmp_path: Path) -> None:
-    if recipe == "tiny_llama_dpo":  # tunes the SFT demo's export: stand one in
-        (tmp_path / "tiny_llama_sft" / "hf_model").mkdir(parents=True)
+    model_path = composed(f"recipes={recipe}", f"base_results_dir={tmp_path}")["recipes"][
+        "model"
+    ].get("hf_model_name_or_path")
+    if model_path and model_path.startswith(str(tmp_path)):  # another run's export (DPO)
+        Path(model_path).mkdir(parents=True)
     job, backend = plan(composed(f"recipes={recipe}", f"base_results_dir={tmp_path}"))
     assert backend.type == "local"
     assert job.run_dir == tmp_path / job.workload.recipe.run.name
