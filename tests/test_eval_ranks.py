@@ -102,6 +102,9 @@ def test_two_rank_eval_scores_equal_one_rank_and_are_written_once(
     for task in TASKS:
         for rank in (0, 1):
             assert output.count(f"Building contexts for {task} on rank {rank}...") == 1, output
+    # Its progress bars (rank 0's only): half of the 200 answers and of the 800 choices.
+    shares = re.findall(r"Running (\w+) requests: 100%\|\S+\| (\d+)/\d+", output)
+    assert shares == [("generate_until", "100"), ("loglikelihood", "400")], shares
     assert written["model"] == {
         "model_path": str(checkpoints),
         "kind": "checkpoint",
