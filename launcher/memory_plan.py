@@ -49,11 +49,15 @@ def recipe_of(job: Job) -> Recipe:
         raise ConfigError([problem], "the launch config")
     recipe = job.workload.recipe
     if recipe.model.objective not in PLANNED_OBJECTIVES:
+        steps = {
+            "dpo": "two sequences per example, a reference model",
+            "grpo": "rollouts on a KV cache, a reference model",
+        }
         problem = Problem(
             "plan",
             f"the plan traces a supervised fine-tuning step; model.objective="
-            f"{recipe.model.objective} (two sequences per example, a reference model) isn't "
-            "modelled yet: launch it without plan=true",
+            f"{recipe.model.objective} ({steps.get(recipe.model.objective, 'another step')}) "
+            "isn't modelled yet: launch it without plan=true",
         )
         raise ConfigError([problem], "the launch config")
     return recipe

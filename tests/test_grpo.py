@@ -19,8 +19,8 @@ from adapter.data.formats import IGNORE_INDEX, DataError
 from adapter.data.prompts import read_prompts, tokenize_prompt
 from adapter.generation import Sampled
 from adapter.metrics import recipe_metric_names
-from adapter.objectives.grpo import rollout_inputs
 from adapter.objectives.grpo_config import GRPOConfig, RewardConfig
+from adapter.objectives.rollout_batch import rollout_inputs
 from adapter.rewards import RewardError, Rewards, final_answer, normalise
 from adapter.schema import ConfigError
 from tests.adapter_helpers import BOS, EOS, char_tokenizer, ids, tiny_recipe

@@ -25,8 +25,9 @@ import torch
 from adapter.config import load_recipe
 from adapter.distributed import DistEnv
 from adapter.loss import install_loss_head
-from adapter.objectives.grpo import GRPO, rollout_inputs
+from adapter.objectives.grpo import GRPO
 from adapter.objectives.grpo_loss import group_advantages
+from adapter.objectives.rollout_batch import rollout_inputs
 from tests.adapter_helpers import BOS, EOS, char_tokenizer, ids, tiny_recipe
 from tests.test_dpo_trl import fp32_cpu_args, llama, tiny_llama
 

@@ -756,8 +756,8 @@ def readme_cells(name: str) -> list[str]:
     model, trainer = recipe["model"], recipe["trainer"]
     source = model.get("hf_model_name_or_path")
     method = METHODS.get((model.get("peft") or {}).get("peft_type") or "", "full fine-tuning")
-    if model.get("objective") == "dpo":
-        method = f"DPO ({method})"
+    if model.get("objective") in ("dpo", "grpo"):
+        method = f"{model['objective'].upper()} ({method})"
     data = data_of(name)
     return [
         f"`{source}`" if source else random_init(model),

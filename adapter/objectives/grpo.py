@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,6 @@ import torch.distributed as dist
 from torch import nn
 
 from adapter.config import Recipe
-from adapter.data.formats import IGNORE_INDEX, Sample
-from adapter.data.loader import Batch, pad_batch
 from adapter.data.prompts import (
     PromptExample,
     PromptRaw,
@@ -43,7 +41,6 @@ from adapter.data.prompts import (
 )
 from adapter.distributed import DistEnv, fail_together, gather_objects
 from adapter.generation import Completions, greedy
-from adapter.loss import SequenceLabels
 from adapter.objectives.base import LossOutput, ModelBuilder, Objective, SamplePrompt, TrainingData
 from adapter.objectives.dpo import labelled_log_probs
 from adapter.objectives.grpo_loss import (
@@ -53,9 +50,17 @@ from adapter.objectives.grpo_loss import (
     token_losses,
     unbiased_std,
 )
+from adapter.objectives.rollout_batch import (
+    PromptBatch,
+    RolloutBatch,
+    batch_from_lists,
+    batch_to_lists,
+    rollout_inputs,
+)
 from adapter.parallel import autocast
 from adapter.rewards import Rewards, Scored
 from adapter.rollout import (
+    PolicyRollouts,
     RolloutEngine,
     RolloutRequest,
     completion_ids,
@@ -65,85 +70,6 @@ from adapter.rollout import (
 
 REWARD_PREFIX = "Reward/"
 """Each reward function's mean is reported as ``Reward/<its name>``."""
-
-
-@dataclass
-class PromptBatch:
-    """Prompts to answer (eval): the loop's micro-batch of validation examples."""
-
-    examples: list[PromptExample]
-
-    @property
-    def units(self) -> int:
-        return len(self.examples)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(example.prompt_ids) for example in self.examples)
-
-    def to(self, device: torch.device) -> PromptBatch:
-        return self
-
-
-@dataclass
-class RolloutBatch:
-    """One micro-batch of scored completions to train on: whole groups, one row each."""
-
-    inputs: Batch
-    """Prompt + completion, right-padded; labels: the completion tokens."""
-    token_index: torch.Tensor
-    """(rows, length): at each completion token, its index among the batch's completion
-    tokens (row-major), which makes ``SequenceLabels`` return per-token log-probabilities."""
-    owners: torch.Tensor
-    """(tokens,): the completion (row) of each completion token."""
-    advantages: torch.Tensor
-    """(completions,)."""
-    old: torch.Tensor | None
-    """(tokens,) log-probabilities under the policy that sampled them (num_iterations > 1)."""
-    reference: torch.Tensor | None
-    """(tokens,) the reference's log-probabilities (β > 0)."""
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Reward and length sums for the metrics (0-dim)."""
-    completions: int = 0
-    tokens: int = 0
-    loss_units: int = 0
-    prompts: list[list[int]] = field(default_factory=list)
-    """Each row's prompt token ids (to checkpoint the batch)."""
-    completion_ids: list[list[int]] = field(default_factory=list)
-    """Each row's completion token ids."""
-
-    @property
-    def units(self) -> int:
-        return self.loss_units
-
-    @property
-    def num_tokens(self) -> int:
-        return self.inputs.num_tokens
-
-    temperature: float = 1.0
-    """The sampling temperature: log-probabilities are those of the tempered policy."""
-
-    @property
-    def sequences(self) -> SequenceLabels:
-        return SequenceLabels(self.inputs.labels, self.token_index, self.tokens, self.temperature)
-
-    def to(self, device: torch.device) -> RolloutBatch:
-        if device.type != "cuda" or self.owners.device.type == "cuda":
-            return self
-
-        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.to(device, non_blocking=True)
-
-        return replace(
-            self,
-            inputs=self.inputs.to(device),
-            token_index=move(self.token_index),
-            owners=move(self.owners),
-            advantages=move(self.advantages),
-            old=move(self.old),
-            reference=move(self.reference),
-            sums={k: v.to(device) for k, v in self.sums.items()},
-        )
 
 
 @dataclass
@@ -192,6 +118,8 @@ class GRPO(Objective):
         """The latest step's micro-batches."""
         self.throughput = Throughput()
         self.val: list[PromptExample] = []
+        self.eval_rewards: list[float] = []
+        """Every eval's reward, in order (the first: the initial model's, with eval_on_start)."""
 
     @property
     def updates_per_batch(self) -> int:
@@ -412,6 +340,7 @@ class GRPO(Objective):
             "Reward": sums["reward"] / completions,
             "CompletionLength": sums["completion_tokens"] / completions,
         }
+        self.eval_rewards.append(values["Reward"])
         return {**values, **self._per_reward(sums, completions)}
 
     def _per_reward(self, sums: dict[str, float], completions: float) -> dict[str, float]:
@@ -429,6 +358,61 @@ class GRPO(Objective):
         ]
 
     def final_report(self, model: nn.Module) -> list[str]:
+        return [self._throughput_line(), *self._reward_lines()]
+
+    def _reward_lines(self) -> list[str]:
+        """The eval reward before and after training, and the compared models'."""
+        if len(self.eval_rewards) < 2 or not self.val:
+            return []
+        before, after = self.eval_rewards[0], self.eval_rewards[-1]
+        lines = [
+            f"eval reward of greedy answers on {len(self.val)} held-out prompts: {before:.3f} "
+            f"before GRPO (the initial model), {after:.3f} after"
+        ]
+        for path in self.settings.compare_with:
+            if not Path(path).is_dir():
+                lines.append(f"  {path}: not there, not compared (train that run to compare it)")
+                continue
+            lines.append(f"  {path}: {self._compared_reward(path):.3f}")
+        return lines
+
+    def _compared_reward(self, path: str) -> float:
+        """The eval reward of another Hugging Face model on the validation prompts (loaded
+        whole on every rank, each answering its share of the prompts)."""
+        from transformers import AutoModelForCausalLM
+
+        from adapter.data.loader import eval_batches
+
+        other = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        other = other.to(self.env.device).eval()
+        tokenizer = self.tokenizer
+        engine, self.engine = (
+            self.engine,
+            PolicyRollouts(
+                self.recipe, other, tokenizer.eos_token_id, tokenizer.pad_token_id, self.env.device
+            ),
+        )
+        micro = self.recipe.model.val_batch_size or self.recipe.model.train_batch_size
+        total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        try:
+            env, limit = self.env, self.recipe.trainer.limit_val_batches
+            batches = eval_batches(
+                self.val, micro, env.rank, env.world_size, self.collate, self.padding_batch, limit
+            )
+            with torch.no_grad():
+                for batch in batches:
+                    output = self.eval_loss(other, batch)
+                    total += torch.stack(
+                        [output.sums["reward"], output.sums["completions"]]
+                    ).double()
+        finally:
+            self.engine = engine
+        if self.env.world_size > 1:
+            dist.all_reduce(total)
+        reward, count = total.tolist()
+        return reward / max(count, 1.0)
+
+    def _throughput_line(self) -> str:
         done = self.throughput
         counts = torch.tensor(
             [done.rollout_tokens, done.rollout_s, done.update_tokens, done.update_s],
@@ -446,12 +430,12 @@ class GRPO(Objective):
                 ]
             )
         rollout_tokens, rollout_s, update_tokens, update_s = counts.tolist()
-        return [
+        return (
             f"grpo: rollouts {int(rollout_tokens)} tokens in {rollout_s:.1f}s "
             f"({rollout_tokens / max(rollout_s, 1e-9):.1f} tokens/s); policy updates "
             f"{int(update_tokens)} tokens in {update_s:.1f}s "
             f"({update_tokens / max(update_s, 1e-9):.1f} tokens/s)"
-        ]
+        )
 
     # --- resumable state ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -469,71 +453,3 @@ class GRPO(Objective):
         device = self.env.device
         pad = self.tokenizer.pad_token_id
         self.cached = [batch_from_lists(b, pad, device) for b in state["rollouts"][self.env.rank]]
-
-
-def rollout_inputs(
-    prompts: list[list[int]], completions: list[list[int]], pad: int
-) -> RolloutBatch:
-    """The training rows of the completions (one per completion, right-padded) and which
-    completion each scored token belongs to."""
-    samples = [
-        Sample(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
-        for prompt, completion in zip(prompts, completions, strict=True)
-    ]
-    inputs = pad_batch(samples, pad)
-    scored = inputs.labels != IGNORE_INDEX
-    token_index = (scored.flatten().cumsum(0) - 1).view_as(scored)
-    owners = scored.nonzero()[:, 0]
-    return RolloutBatch(
-        inputs,
-        token_index,
-        owners,
-        advantages=torch.zeros(len(completions)),
-        old=None,
-        reference=None,
-        completions=len(completions),
-        tokens=int(scored.sum()),
-        prompts=prompts,
-        completion_ids=completions,
-    )
-
-
-def batch_to_lists(batch: RolloutBatch) -> dict[str, Any]:
-    """What rebuilds ``batch`` exactly, as plain Python values (checkpointed as bytes)."""
-
-    def listed(tensor: torch.Tensor | None) -> list[float] | None:
-        return None if tensor is None else tensor.cpu().tolist()
-
-    return {
-        "prompts": batch.prompts,
-        "completions": batch.completion_ids,
-        "advantages": listed(batch.advantages),
-        "old": listed(batch.old),
-        "reference": listed(batch.reference),
-        "sums": {key: value.item() for key, value in batch.sums.items()},
-        "loss_units": batch.loss_units,
-        "temperature": batch.temperature,
-    }
-
-
-def batch_from_lists(saved: dict[str, Any], pad: int, device: torch.device) -> RolloutBatch:
-    """``batch_to_lists``' batch again (fp32 values round-trip exactly through floats)."""
-
-    def tensor(name: str) -> torch.Tensor | None:
-        values = saved[name]
-        return None if values is None else torch.tensor(values, dtype=torch.float32)
-
-    batch = rollout_inputs(saved["prompts"], saved["completions"], pad)
-    advantages = tensor("advantages")
-    assert advantages is not None
-    sums = {key: torch.tensor(value, dtype=torch.float32) for key, value in saved["sums"].items()}
-    batch = replace(
-        batch,
-        advantages=advantages,
-        old=tensor("old"),
-        reference=tensor("reference"),
-        sums=sums,
-        loss_units=saved["loss_units"],
-        temperature=saved["temperature"],
-    )
-    return batch.to(device)

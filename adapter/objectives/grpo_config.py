@@ -152,6 +152,10 @@ class GRPOConfig:
     the whole completion."""
     rewards: list[RewardConfig] = field(default_factory=_default_rewards)
     """The reward functions, summed with their weights; each is logged on its own."""
+    compare_with: list[str] = field(default_factory=list)
+    """Hugging Face model directories whose eval reward (greedy answers of the validation
+    prompts) is printed beside the policy's when training ends; one that doesn't exist is
+    named in a line and skipped (the demo: the DPO demo's export)."""
     rollout_engine: str = "policy"
     """Where completions come from: ``policy`` (decoded by the policy being trained, as it
     is sharded: ``adapter.rollout.PolicyRollouts``), or ``module:factory`` of another engine
