@@ -126,3 +126,13 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = render(results, "reference", "recipes.trainer.devices=2")
     train(run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def demo_sft_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SFT demo as shipped, trained once per pytest run for every test file and both
+    xdist workers (``tests.demo_model``): its run directory (read only; its stdout in
+    ``output.txt``). ``link_demo_export`` copies its export into a test's own base dir."""
+    from tests.demo_model import provide_demo, shared_root
+
+    return provide_demo(shared_root(tmp_path_factory))

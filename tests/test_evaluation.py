@@ -1,6 +1,7 @@
 """Evaluation jobs (``kind: eval``): lm-evaluation-harness on the SFT demo's model.
 
-One short demo run (300 steps, ~30 s) trains the model every test here evaluates. The
+The suite's shared SFT demo run (``demo_sft_run``: the demo as shipped, with lm-eval on
+``tiny_arithmetic_mc`` after training) is the model every test here evaluates. The
 proofs: the job's scores are exactly ``python -m lm_eval``'s on the same model and tasks;
 the trained model beats an untrained one of the same architecture; a checkpoint exported
 on the fly scores as its export does; the recipes render on every cluster; bad input fails
@@ -23,34 +24,19 @@ from adapter.eval_config import EvalJob, metric_lines
 from adapter.eval_tasks import TASKS_DIR
 from adapter.schema import load
 from tests.conftest import REPO, run_main
+from tests.demo_model import AFTER_TRAINING_LIMIT, AFTER_TRAINING_TASKS, DEMO_STEPS, EVAL_EVERY
 from tests.test_recipes import BUCKET, CONTAINER, ROLE, dry_run
 
 TASKS = ["tiny_arithmetic", "tiny_arithmetic_mc"]
-DEMO_STEPS = 300
-AFTER_TRAINING_LIMIT = 50
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The SFT demo trained for ``DEMO_STEPS`` steps, evaluated on ``tiny_arithmetic_mc``
-    after training: its run directory (its output in ``output.txt``)."""
-    results = tmp_path_factory.mktemp("demo")
-    done = run_main(
-        "recipes=tiny_llama_sft",
-        f"base_results_dir={results}",
-        f"recipes.trainer.max_steps={DEMO_STEPS}",
-        "recipes.trainer.val_check_interval=100",
-        "recipes.trainer.accelerator=cpu",
-        f"recipes.exp_manager.checkpoint_callback_params.every_n_train_steps={DEMO_STEPS}",
-        "recipes.exp_manager.create_tensorboard_logger=false",
-        "recipes.exp_manager.evaluate_after_training.tasks=[tiny_arithmetic_mc]",
-        f"recipes.exp_manager.evaluate_after_training.limit={AFTER_TRAINING_LIMIT}",
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    run_dir = results / "tiny_llama_sft"
-    (run_dir / "output.txt").write_text(done.stdout)
-    return run_dir
+def demo_run(demo_sft_run: Path) -> Path:
+    """The shared SFT demo (``DEMO_STEPS`` steps, validations every ``EVAL_EVERY``, a
+    checkpoint at the end, ``tiny_arithmetic_mc`` after training): its run directory, read
+    only (its output in ``output.txt``)."""
+    assert AFTER_TRAINING_TASKS == ("tiny_arithmetic_mc",)
+    return demo_sft_run
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +148,9 @@ def test_evaluation_after_training_is_in_the_runs_report(demo_run: Path, tmp_pat
 
     written = json.loads((demo_run / "eval_results.json").read_text())
     assert written["model"]["evaluated"] == str(demo_run / "hf_model")
-    again = evaluate(eval_job(demo_run, tasks=["tiny_arithmetic_mc"], limit=50), tmp_path)
+    again = evaluate(
+        eval_job(demo_run, tasks=["tiny_arithmetic_mc"], limit=AFTER_TRAINING_LIMIT), tmp_path
+    )
     assert written["results"] == again["results"]
     output = (demo_run / "output.txt").read_text()
     for name, value in scores(written["results"]).items():
@@ -203,7 +191,7 @@ def test_demo_reports_exact_match_at_each_validation_and_it_rises(demo_run: Path
     evals = [
         r for r in map(json.loads, (demo_run / "metrics.jsonl").open()) if r["split"] == "eval"
     ]
-    assert [r["step"] for r in evals] == [100, 200, DEMO_STEPS]
+    assert [r["step"] for r in evals] == list(range(EVAL_EVERY, DEMO_STEPS + 1, EVAL_EVERY))
     exact = [r["ExactMatch"] for r in evals]
     assert exact[-1] > exact[0], exact
     assert all(r["ContainsAnswer"] >= r["ExactMatch"] for r in evals)

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import FAST, REPO, read_metrics, run_main
+from tests.demo_model import DEMO_STEPS, OUTPUT_FILE
 from tests.helpers_checkpoint import descendants
 
 pytestmark = pytest.mark.slow
@@ -98,17 +99,20 @@ def test_bf16_mixed_precision_runs_close_to_fp32(reference: list[float], results
     assert losses != reference
 
 
-def test_demo_learns_and_reports(results: Path) -> None:
-    """Bare ``python main.py`` (only the results dir moved): the README's first command."""
-    out = run_main(f"base_results_dir={results}", check=True, timeout=600)
-    run_dir = results / "tiny_llama_sft"
+def test_demo_learns_and_reports(demo_sft_run: Path) -> None:
+    """``python main.py recipes=tiny_llama_sft`` (the README's first command, bare
+    ``python main.py``'s recipe) as it ships, plus lm-eval after training: the suite's shared
+    demo run (``tests.demo_model``)."""
+    run_dir = demo_sft_run
+    stdout = (run_dir / OUTPUT_FILE).read_text()
     train_rows = read_metrics(run_dir)
     eval_rows = read_metrics(run_dir, "eval")
     assert train_rows[-1]["loss"] <= 0.7 * train_rows[0]["loss"]
-    assert train_rows[-1]["step"] == 1000
+    assert train_rows[-1]["step"] == DEMO_STEPS == 1000
     assert eval_rows[-1]["loss"] < 0.7 * eval_rows[0]["loss"]
-    assert "sample completions:" in out.stdout
-    assert out.stdout.rstrip().endswith(f"results: {run_dir}")
+    assert "sample completions:" in stdout
+    # The training's last line; then the evaluation after training (tests/test_evaluation.py).
+    assert f"\nresults: {run_dir}\nevaluating {run_dir / 'hf_model'} on " in stdout
     for name in (
         "hf_model/config.json",
         "hf_model/model.safetensors",
