@@ -27,6 +27,7 @@ from adapter.families import (
 )
 from adapter.objectives import OBJECTIVES, unknown_objective
 from adapter.objectives.dpo_config import DPOConfig, dpo_problems
+from adapter.objectives.grpo_config import GRPOConfig, grpo_problems
 from adapter.reporting_config import GenerationEvalKeys, ReportingKeys, evaluation_problems
 from adapter.schema import ConfigError, Problem, bounded, load, nested, rule, to_dict
 
@@ -255,7 +256,8 @@ class ModelConfig:
     """Allow models whose code lives in their repo (ChatGLM-6B)."""
     objective: str = "sft"
     """Training objective, from ``adapter.objectives``: ``sft`` (supervised fine-tuning and
-    continued pretraining) or ``dpo`` (preference pairs, ``model.dpo``)."""
+    continued pretraining), ``dpo`` (preference pairs, ``model.dpo``) or ``grpo`` (RL with
+    verifiable rewards on prompts with answers, ``model.grpo``; batch sizes count prompts)."""
     max_context_width: int = bounded(2048, ge=8)
     """Sequence length in tokens (longer samples are truncated)."""
     train_batch_size: int = bounded(1, ge=1)
@@ -314,6 +316,8 @@ class ModelConfig:
     """Training and validation data."""
     dpo: DPOConfig = nested(DPOConfig)
     """Direct preference optimisation (``model.objective=dpo``)."""
+    grpo: GRPOConfig = nested(GRPOConfig)
+    """Group relative policy optimisation (``model.objective=grpo``)."""
 
     @rule("max_context_width", "max_position_embeddings")
     def _context_fits_positions(self) -> list[Problem]:
@@ -356,6 +360,10 @@ class ModelConfig:
     )
     def _dpo_fits(self) -> list[Problem]:
         return dpo_problems(self)
+
+    @rule("objective", "grpo", "data", "peft.peft_type", "max_context_width")
+    def _grpo_fits(self) -> list[Problem]:
+        return grpo_problems(self)
 
     @rule("hidden_size", "num_attention_heads")
     def _heads_divide_width(self) -> list[Problem]:

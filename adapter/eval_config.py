@@ -34,11 +34,12 @@ LOOKS_LOCAL = ("/", "./", "../", "~")
 
 @dataclass(kw_only=True)
 class EvalTrainer:
-    """Where the eval job's processes run: one node; each process (GPU) evaluates a share
-    of every task's requests (lm-eval's data parallelism)."""
+    """Where the eval job's processes run: one node; each process (a GPU, or a CPU process
+    with gloo) evaluates a share of every task's requests (lm-eval's data parallelism)."""
 
     devices: int = bounded(1, ge=1)
-    """Processes on the node, one per GPU."""
+    """Processes on the node: one per GPU, or that many CPU processes (``accelerator: cpu``
+    or no GPU)."""
     num_nodes: int = bounded(1, ge=1)
     """Always 1: lm-eval's Hugging Face model runs data-parallel within a node."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"

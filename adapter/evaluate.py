@@ -6,7 +6,7 @@ checkpoint is exported to a Hugging Face directory first. Rank 0 writes
 ``eval_results.json`` (lm-eval's results with the model, tasks, versions and time), prints
 ``Eval metrics/<task>/<metric>: <float>`` per value and lm-eval's table. Under torchrun,
 every process evaluates a share of the requests (lm-eval's data parallelism, through
-accelerate).
+accelerate; on CPU too, ``adapter.eval_ranks``).
 """
 
 from __future__ import annotations
@@ -90,17 +90,12 @@ def evaluate(job: EvalJob, exp_dir: Path) -> dict[str, Any] | None:
 
 def prepared_model(source: ModelSource, exp_dir: Path) -> str:
     """The Hugging Face directory or hub id to evaluate: a checkpoint is exported into
-    ``exp_dir/exported_model`` first (by rank 0, the others wait)."""
+    ``exp_dir/exported_model`` first, by rank 0 before the ranks' process group exists (a
+    checkpoint loaded under one is a collective, which the other ranks would not join); the
+    others wait for it in the group's start."""
     if source.kind != "checkpoint":
         return source.path
     out = exp_dir / EXPORTED_DIR
-    import torch.distributed as dist
-
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if several and not dist.is_initialized():
-        import torch
-
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if int(os.environ.get("RANK", "0")) == 0:
         from adapter.checkpoint import CheckpointError
         from adapter.export import export_checkpoint
@@ -110,7 +105,12 @@ def prepared_model(source: ModelSource, exp_dir: Path) -> str:
         except CheckpointError as exc:
             raise EvalError(f"model_path: {exc}") from None
         print(f"exported checkpoint {source.path} to {out}", flush=True)
-    if several:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         dist.barrier()
     return str(out)
 
@@ -153,6 +153,17 @@ def device_of(job: EvalJob) -> str:
     return "cuda"
 
 
+def lm_eval_model(model_args: dict[str, Any], batch_size: int, device: str) -> Any:
+    """What ``simple_evaluate`` evaluates: lm-eval's ``hf`` model by name for one process
+    (as ``lm_eval --model hf`` makes it); for several (torchrun), the same model made so
+    that its processes are data-parallel ranks on CPU too (``adapter.eval_ranks``)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return "hf"
+    from adapter.eval_ranks import data_parallel_lm
+
+    return data_parallel_lm(model_args, batch_size, device)
+
+
 def run_lm_eval(job: EvalJob, model_path: str) -> dict[str, Any] | None:
     """lm-eval's ``simple_evaluate`` on the Hugging Face model: its results on rank 0."""
     from lm_eval import simple_evaluate
@@ -165,13 +176,14 @@ def run_lm_eval(job: EvalJob, model_path: str) -> dict[str, Any] | None:
     if job.trust_remote_code:
         model_args["trust_remote_code"] = True
     limit = job.limit if job.limit is None or job.limit < 1 else int(job.limit)
+    device = device_of(job)
     return simple_evaluate(
-        model="hf",
+        model=lm_eval_model(model_args, job.batch_size, device),
         model_args=model_args,
         tasks=list(job.tasks),
         num_fewshot=job.num_fewshot,
         batch_size=job.batch_size,
-        device=device_of(job),
+        device=device,
         limit=limit,
         gen_kwargs=dict(job.gen_kwargs) or None,
         apply_chat_template=job.apply_chat_template,

@@ -6,8 +6,8 @@ mask; position ids counted from each prompt's first token), the prompts run thro
 model once, then one token per step on Hugging Face's cache, projecting the last position
 only (``logits_to_keep=1``) where the model's forward takes it: what ``generate`` does.
 
-``Sampling`` chooses the next tokens from the last position's fp32 logits: ``greedy`` is
-the only one so far; temperature / top-p sampling with a seeded generator plugs in there.
+``Sampling`` chooses the next tokens from the last position's fp32 logits: ``greedy``, or
+``Sampled`` (temperature, top-k, top-p: GRPO's rollouts).
 
 Two kinds of model can't be fed a padded batch with a cache: PEFT prompt learning (its
 forward prepends the virtual tokens on every call and drops position ids) and remote-code
@@ -40,6 +40,34 @@ Sampling = Callable[[torch.Tensor], torch.Tensor]
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """The most likely token of each row."""
     return logits.argmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """Random sampling from the temperature-scaled distribution, restricted to the ``top_k``
+    most likely tokens and to the smallest set whose probability reaches ``top_p``.
+
+    Draws from torch's default generator of the logits' device: the one each rank's
+    checkpoint saves and a resumed run restores, so rollouts after a resume continue as
+    they would have."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            probs = ordered.softmax(dim=-1)
+            # Drop a token once the more likely ones reach top_p (the first is always kept).
+            beyond = probs.cumsum(dim=-1) - probs >= self.top_p
+            ordered = ordered.masked_fill(beyond, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
+        return torch.multinomial(logits.softmax(dim=-1), 1).squeeze(1)
 
 
 @dataclass

@@ -59,6 +59,8 @@ class LMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.sequences is not None:
             hidden = last_positions(hidden, self.sequences.labels.shape[1])
+            if self.sequences.temperature != 1.0:  # (h / T) · W = the logits / T
+                hidden = hidden / self.sequences.temperature
             return linear_sequence_log_probs(hidden, self.weight, self.sequences)
         if self.labels is None:
             return functional.linear(hidden, self.weight)
@@ -112,6 +114,9 @@ class SequenceLabels:
     value where the label is ``IGNORE_INDEX``. Packed rows hold several sequences."""
     count: int
     """Sequences in the batch: the length of the result."""
+    temperature: float = 1.0
+    """Log-probabilities of the logits divided by it (GRPO: the sampling temperature, so
+    that they are those of the distribution the completions were sampled from)."""
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flattened positions that predict a label, the labels, and their sequences."""
@@ -261,7 +266,7 @@ def sequence_log_probs(logits: torch.Tensor, sequences: SequenceLabels) -> torch
     """``linear_sequence_log_probs`` from logits (models whose head can't be swapped): the
     labelled positions only, upcast to fp32."""
     rows, targets, owners = sequences.targets()
-    selected = logits.flatten(0, 1).index_select(0, rows).float()
+    selected = logits.flatten(0, 1).index_select(0, rows).float() / sequences.temperature
     token = selected.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
     total = torch.zeros(sequences.count, dtype=torch.float32, device=logits.device)
     return total.index_add(0, owners, token)

@@ -46,6 +46,18 @@ def metric_names(objective: str | None = None) -> list[str]:
     return list(dict.fromkeys([*names, TOKENS_PER_SECOND]))
 
 
+def recipe_metric_names(recipe: Recipe) -> list[str]:
+    """``metric_names`` plus the per-name lines this recipe's run prints (GRPO: one
+    ``Reward/<name>`` per reward function, in training and in eval)."""
+    spec = OBJECTIVES[recipe.model.objective]
+    names = metric_names()
+    if spec.per_name_prefix and recipe.model.objective == "grpo":
+        labels = [reward.label for reward in recipe.model.grpo.rewards]
+        for prefix in (TRAIN_PREFIX, EVAL_PREFIX):
+            names += [f"{prefix}{spec.per_name_prefix}{label}" for label in labels]
+    return list(dict.fromkeys(names))
+
+
 # Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name().
 PEAK_FLOPS = {
     "H200": 989e12,

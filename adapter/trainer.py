@@ -108,7 +108,9 @@ class Trainer:
             self.model, recipe.model.optim, self.env.device, loss_scaling=fp16
         )
         self.sampler = build_sampler(recipe, self.env, len(self.data.train))
-        self.total_steps = total_steps(recipe.trainer, self.sampler)
+        self.total_steps = total_steps(
+            recipe.trainer, self.sampler, self.objective.updates_per_batch
+        )
         self.scheduler = build_scheduler(self.optimizer, recipe.model.optim, self.total_steps)
         self.state = TrainState()
         self._step_s = 0.0
@@ -203,7 +205,8 @@ class Trainer:
         weights only after the step's one host sync has shown its loss and gradient norm
         finite (every rank reads the same all-reduced values, so they decide alike)."""
         device = self.env.device
-        indices = self.sampler.next_step()
+        draws = self.state.step % self.objective.updates_per_batch == 0
+        indices = self.sampler.next_step() if draws else None
         micro = self.objective.step_batches(self.model, indices, self.data.train)
         micro = [batch.to(device) for batch in micro]
         local = [sum(b.units for b in micro), sum(b.num_tokens for b in micro)]
@@ -238,7 +241,9 @@ class Trainer:
         stopping, units, tokens, norm = reported[len(sums) :]
         loss = totals["loss"] / max(units, 1.0)
         self._update(loss, norm)
-        self.state.consumed_samples += self.sampler.global_batch
+        self.objective.after_update(self.model)
+        if draws:
+            self.state.consumed_samples += self.sampler.global_batch
         metrics = self._declared(self.objective.metrics(totals, units), "train_metrics")
         return StepResult(loss, int(tokens), norm, metrics, stopping > 0)
 
@@ -291,9 +296,16 @@ class Trainer:
         """``values`` if they are the metrics the objective's registry entry declares (the
         SageMaker metric definitions are made from those); else an error naming both."""
         name = self.recipe.model.objective
-        declared = getattr(OBJECTIVES[name], kind)
-        # A name may be left out (RouterAuxLoss: mixture-of-experts models only), not reordered.
-        if list(values) != [key for key in declared if key in values]:
+        spec = OBJECTIVES[name]
+        declared = getattr(spec, kind)
+        prefix = spec.per_name_prefix
+        fixed = [key for key in values if prefix is None or not key.startswith(prefix)]
+        # A name may be left out (RouterAuxLoss: mixture-of-experts models only), not
+        # reordered; per-name values (GRPO's Reward/<name>) come after the declared ones.
+        if (
+            fixed != [key for key in declared if key in values]
+            or list(values)[: len(fixed)] != fixed
+        ):
             raise RuntimeError(
                 f"objective {name!r} reported {list(values)}, but its entry in "
                 f"adapter.objectives.OBJECTIVES declares {kind}={list(declared)}"
@@ -554,11 +566,12 @@ def build_sampler(recipe: Recipe, env: DistEnv, num_samples: int) -> GlobalBatch
     )
 
 
-def total_steps(trainer: TrainerConfig, sampler: GlobalBatchSampler) -> int:
+def total_steps(trainer: TrainerConfig, sampler: GlobalBatchSampler, updates: int = 1) -> int:
+    """``max_steps``, or the steps of ``max_epochs`` (each batch used for ``updates`` steps)."""
     if trainer.max_steps > 0:
         return trainer.max_steps
     assert trainer.max_epochs is not None
-    return trainer.max_epochs * sampler.steps_per_epoch
+    return trainer.max_epochs * sampler.steps_per_epoch * updates
 
 
 def seed_everything(seed: int) -> None:

@@ -438,6 +438,9 @@ SHRUNK_RUN = (
 """Two optimizer steps, an eval of two batches; checkpointing and export stay as the
 recipe has them (a final checkpoint and Hugging Face export)."""
 
+GRPO_SHRUNK = ["recipes.model.grpo.max_new_tokens=16", "recipes.model.grpo.num_generations=2"]
+"""A GRPO recipe's completions must fit the shrunk context (its header says so too)."""
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -474,7 +477,14 @@ def rows_for(dataset_type: str, count: int, seed: int) -> list[dict[str, Any]]:
             "chosen": [{"role": "assistant", "content": r["response"]}],
             "rejected": [{"role": "assistant", "content": r["response"] + "0"}],
         },
+        # Numeric answers only (a GRPO recipe may reward numeric matches), GSM8K-style.
+        "prompt_answer": lambda r: {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "answer": f"{r['prompt']} = {r['response']} #### {r['response']}",
+        },
     }
+    if dataset_type == "prompt_answer":
+        rows = [r for r in rows if r["response"].lstrip("-").isdigit()]
     return [shapes[dataset_type](r) for r in rows]
 
 
@@ -484,7 +494,16 @@ def write_datasets(root: Path, tokenizer: Any) -> dict[str, tuple[Path, Path]]:
 
     datasets.disable_progress_bars()
     paths = {}
-    kinds = ("prompt_response", "alpaca", "chatglm", "chat", "text", "hf", *PREFERENCE_TYPES)
+    kinds = (
+        "prompt_response",
+        "alpaca",
+        "chatglm",
+        "chat",
+        "text",
+        "hf",
+        *PREFERENCE_TYPES,
+        "prompt_answer",
+    )
     for dataset_type in kinds:
         train, val = root / dataset_type / "train", root / dataset_type / "val"
         for path, count, seed in ((train, 64, 1), (val, 16, 2)):
@@ -513,8 +532,10 @@ def shrunk_overrides(
     dataset_type = data_of(name)["dataset_type"]
     train, val = data[dataset_type]
     overrides += [f"shrink={shrink_family(name)}", *data_overrides(name, str(train), str(val))]
-    if dataset_type in ("chat", "hf", "chat_preference"):
+    if dataset_type in ("chat", "hf", "chat_preference", "prompt_answer"):
         overrides.append(f"recipes.model.tokenizer_name_or_path={tokenizer}")
+    if dataset_type == "prompt_answer":
+        overrides += GRPO_SHRUNK
     return overrides
 
 

@@ -10,9 +10,17 @@ from typing import Literal
 from adapter.schema import Problem, bounded, rule
 
 DatasetType = Literal[
-    "prompt_response", "alpaca", "chat", "chatglm", "hf", "text", "preference", "chat_preference"
+    "prompt_response",
+    "alpaca",
+    "chat",
+    "chatglm",
+    "hf",
+    "text",
+    "preference",
+    "chat_preference",
+    "prompt_answer",
 ]
-TEMPLATED = ("prompt_response", "preference")
+TEMPLATED = ("prompt_response", "preference", "prompt_answer")
 """Dataset types whose prompts go through ``model.data.prompt_template``."""
 
 MPT_PROMPT_TEMPLATE = (
@@ -28,7 +36,8 @@ class DataConfig:
 
     dataset_type: DatasetType = "prompt_response"
     """Format of the files in ``train_dir`` / ``val_dir`` (``preference`` and
-    ``chat_preference``: pairs for ``model.objective=dpo``)."""
+    ``chat_preference``: pairs for ``model.objective=dpo``; ``prompt_answer``: prompts with
+    reference answers for ``model.objective=grpo``)."""
     train_dir: str | None = None
     """Training data: a file or a directory of files (SageMaker: the channel dir)."""
     val_dir: str | None = None
@@ -44,10 +53,11 @@ class DataConfig:
     """Pack several samples per sequence (attention and positions confined to each sample)."""
     skip_bad_rows: bool = False
     """Skip malformed rows (counted in the log) instead of failing before training."""
-    synthetic: Literal[None, "arithmetic", "arithmetic_preference"] = None
+    synthetic: Literal[None, "arithmetic", "arithmetic_preference", "arithmetic_prompts"] = None
     """Generate a deterministic demo dataset instead of reading ``train_dir`` (tiny demos);
     ``arithmetic_preference``: the same tasks as pairs of the right answer and the model's
-    most likely wrong one (``model.objective=dpo``)."""
+    most likely wrong one (``model.objective=dpo``); ``arithmetic_prompts``: as prompts with
+    their answers (``model.objective=grpo``)."""
     num_synthetic_samples: int = bounded(4000, ge=10)
     """Rows the synthetic generator makes (a tenth more are made for validation)."""
     num_workers: int = bounded(0, ge=0)
@@ -72,7 +82,8 @@ class DataConfig:
             return [
                 Problem(
                     "prompt_template",
-                    f"applies to dataset_type=prompt_response and preference only (this is "
+                    f"applies to dataset_type=prompt_response, preference and prompt_answer "
+                    f"only (this is "
                     f"{self.dataset_type}, which has its own template); remove it",
                 )
             ]

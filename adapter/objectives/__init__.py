@@ -4,8 +4,9 @@ The training loop (``adapter.trainer``) is the same for every objective: data �
 → eval → checkpoint → export. What differs — how micro-batches are built from the data's
 rows, the loss and the metrics it reports, what eval measures, which models take part
 besides the policy — is an ``Objective`` (``adapter.objectives.base``), one module of this
-package each: ``sft`` (supervised fine-tuning, continued pretraining) and ``dpo`` (direct
-preference optimisation and its variants, on chosen/rejected pairs).
+package each: ``sft`` (supervised fine-tuning, continued pretraining), ``dpo`` (direct
+preference optimisation and its variants, on chosen/rejected pairs) and ``grpo`` (group
+relative policy optimisation: RL with verifiable rewards on sampled completions).
 
 This file is the registry, and torch-free: the launcher validates ``model.objective`` against
 it and generates SageMaker metric definitions from the metric names each objective declares
@@ -32,6 +33,9 @@ class ObjectiveSpec:
     """Names of the values its ``eval_metrics`` returns: ``Eval metrics/eval/<name>: <value>``."""
     summary: str
     """One line for error messages and docs."""
+    per_name_prefix: str | None = None
+    """Names ``<prefix><name>`` may follow the declared ones, one for each of something the
+    recipe names (GRPO: ``Reward/<reward name>``, a reward function each)."""
 
 
 LANGUAGE_METRICS = ("LanguageCrossEntropy", "LanguagePerplexity")
@@ -56,6 +60,14 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         eval_metrics=PREFERENCE_METRICS,
         summary="direct preference optimisation (sigmoid, ipo, hinge, simpo) on chosen/rejected "
         "pairs",
+    ),
+    "grpo": ObjectiveSpec(
+        "adapter.objectives.grpo:GRPO",
+        train_metrics=("Reward", "RewardStd", "KL", "CompletionLength", "ClipRatio"),
+        eval_metrics=("Reward", "CompletionLength"),
+        summary="group relative policy optimisation: RL with verifiable rewards on sampled "
+        "completions of prompts",
+        per_name_prefix="Reward/",
     ),
 }
 

@@ -10,7 +10,8 @@ never a frozen reference) and exports. An objective says
   micro-batch (``collate``; ``padding_batch`` for a rank whose eval share ran out);
 - which models take part besides the policy (``prepare``: e.g. a frozen reference);
 - what a step's micro-batches are (``step_batches``: by default its examples, collated;
-  rollouts would be generated here);
+  GRPO samples and scores its rollouts here, and may reuse them for several steps:
+  ``updates_per_batch``);
 - the loss and what it reports (``loss``, ``eval_loss``, ``metrics``, ``eval_metrics``,
   and ``final_report`` once training has ended).
 
@@ -153,12 +154,24 @@ class Objective(ABC):
         """Set up the models that take part besides ``policy`` (a frozen reference:
         ``build_frozen()``). They are not checkpointed. Default: none."""
 
+    @property
+    def updates_per_batch(self) -> int:
+        """Optimizer steps each batch of examples is used for (GRPO's ``num_iterations``):
+        the sampler draws a new step's indices every this many steps. Default: 1."""
+        return 1
+
     def step_batches(
-        self, model: nn.Module, micro_indices: list[list[int]], train: Sequence[Any]
+        self, model: nn.Module, micro_indices: list[list[int]] | None, train: Sequence[Any]
     ) -> list[MicroBatch]:
         """This rank's micro-batches of one optimizer step, from the sampler's indices into
-        ``train`` (as many on every rank). Default: the examples, collated."""
+        ``train`` (as many on every rank); ``micro_indices`` None: a step that reuses the
+        previous step's batch (``updates_per_batch`` > 1). Default: the examples, collated."""
+        assert micro_indices is not None, "updates_per_batch is 1: every step draws indices"
         return [self.collate([train[i] for i in indices]) for indices in micro_indices]
+
+    def after_update(self, model: nn.Module) -> None:  # noqa: B027
+        """The step's optimizer update is done (e.g. push the new weights to a rollout
+        engine). Default: nothing."""
 
     # --- loss and metrics -----------------------------------------------------------------
     @abstractmethod

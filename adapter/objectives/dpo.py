@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from adapter.config import Recipe
-from adapter.data.loader import PackedAttention, eval_batch_count
+from adapter.data.loader import Batch, PackedAttention, eval_batch_count
 from adapter.data.preference import (
     PreferenceBatch,
     PreferencePair,
@@ -40,7 +40,13 @@ from adapter.data.preference import (
 )
 from adapter.distributed import DistEnv
 from adapter.generation import generate
-from adapter.loss import computing_log_probs, find_loss_head, last_positions, sequence_log_probs
+from adapter.loss import (
+    SequenceLabels,
+    computing_log_probs,
+    find_loss_head,
+    last_positions,
+    sequence_log_probs,
+)
 from adapter.models import resolve_family
 from adapter.objectives.base import (
     LossOutput,
@@ -204,14 +210,7 @@ class DPO(Objective):
 
     def _log_probs(self, model: nn.Module, batch: PreferenceBatch) -> torch.Tensor:
         """Each sequence's summed log-probability of its response tokens (2n,), fp32."""
-        inputs = model_inputs(batch.inputs)
-        sequences = batch.sequences
-        head = find_loss_head(model)
-        if head is None:
-            logits = model(**inputs).logits
-            return sequence_log_probs(last_positions(logits, sequences.labels.shape[1]), sequences)
-        with computing_log_probs(head, sequences):
-            return model(**inputs).logits
+        return labelled_log_probs(model, batch.inputs, batch.sequences)
 
     def metrics(self, sums: dict[str, float], units: float) -> dict[str, float]:
         pairs = max(units, 1.0)
@@ -272,6 +271,20 @@ class DPO(Objective):
             dist.all_reduce(counts)
         right_total, total = counts.tolist()
         return right_total, total
+
+
+def labelled_log_probs(model: nn.Module, inputs: Batch, sequences: SequenceLabels) -> torch.Tensor:
+    """Each of ``sequences``' summed log-probability of its labels (fp32, (count,)), from
+    one forward of ``inputs``: by the fused LM head where the model has one (no
+    full-vocabulary logits), else from the logits. GRPO's per-token values are sequences of
+    one token each."""
+    kwargs = model_inputs(inputs)
+    head = find_loss_head(model)
+    if head is None:
+        logits = model(**kwargs).logits
+        return sequence_log_probs(last_positions(logits, sequences.labels.shape[1]), sequences)
+    with computing_log_probs(head, sequences):
+        return model(**kwargs).logits
 
 
 def by_pair(values: torch.Tensor, batch: PreferenceBatch) -> PairLogProbs:

@@ -37,7 +37,8 @@ class RewardConfig:
 
     type: RewardType = "exact_match"
     """``exact_match``: 1 if the completion's final answer, normalised (case, spaces, a
-    trailing period, thousands separators), equals the row's ``answer``, else 0;
+    trailing period, thousands separators), equals the row's ``answer`` (what follows its
+    last ``####`` if it has one: GSM8K's solutions), else 0;
     ``numeric_match``: 1 if the last number of the final answer is within ``tolerance`` of the
     row's numeric ``answer``; ``format``: 1 if the completion matches the regex ``pattern``
     (``re.fullmatch`` after stripping surrounding whitespace); ``python``: the callable
@@ -53,8 +54,10 @@ class RewardConfig:
     larger (relative) that still counts."""
     function: str | None = None
     """``python``: ``module:function`` imported from the job's code (the working directory
-    and ``PYTHONPATH``), called as ``function(completions, prompts, rows)`` → one float
-    (or None: unscored) per completion; ``rows`` are the data rows with every field."""
+    and ``PYTHONPATH``), called as TRL calls a reward function, so one written for
+    ``GRPOTrainer`` works: ``function(completions=[...], prompts=[...], completion_ids=[...],
+    **columns)`` → one float (or None: unscored) per completion; ``columns``: every field of
+    the rows (``answer`` among them) as lists."""
 
     @property
     def label(self) -> str:
@@ -119,6 +122,11 @@ class GRPOConfig:
     beta: float = bounded(0.0, ge=0.0)
     """β of the KL penalty to the frozen reference (the k3 estimator, per token); 0 = none
     and no reference model is held."""
+    kl_bias_correction: bool = True
+    """Multiply each token's KL term by the ratio π/π_old: the unbiased estimate of the KL of
+    the current policy when the completions came from π_old (DeepSeek-V3.2; TRL's
+    ``use_bias_correction_kl``, on by default). With one update per batch the ratio is 1
+    but its gradient isn't: it adds KL_t·∇log π(t)."""
     reference: Reference = None
     """The reference for β > 0: ``frozen_copy`` (the initial policy, frozen, sharded like the
     policy) or ``adapters_off`` (LoRA runs: the policy with its adapters disabled); null =
@@ -144,6 +152,11 @@ class GRPOConfig:
     the whole completion."""
     rewards: list[RewardConfig] = field(default_factory=_default_rewards)
     """The reward functions, summed with their weights; each is logged on its own."""
+    rollout_engine: str = "policy"
+    """Where completions come from: ``policy`` (decoded by the policy being trained, as it
+    is sharded: ``adapter.rollout.PolicyRollouts``), or ``module:factory`` of another engine
+    (e.g. vLLM), imported from the job's code and called as ``factory(recipe, policy,
+    tokenizer, device)`` → an ``adapter.rollout.RolloutEngine``."""
 
     @property
     def upper_epsilon(self) -> float:
@@ -152,7 +165,9 @@ class GRPOConfig:
     @rule("rewards")
     def _rewards_named_once(self) -> list[Problem]:
         if not self.rewards:
-            return [Problem("rewards", "is empty; give at least one reward, e.g. [{type: exact_match}]")]
+            return [
+                Problem("rewards", "is empty; give at least one reward, e.g. [{type: exact_match}]")
+            ]
         labels = [reward.label for reward in self.rewards]
         repeated = sorted({label for label in labels if labels.count(label) > 1})
         if repeated:
@@ -162,6 +177,17 @@ class GRPOConfig:
             )
             return [Problem("rewards", message)]
         return []
+
+    @rule("rollout_engine")
+    def _engine_is_named(self) -> list[Problem]:
+        module, _, attribute = self.rollout_engine.partition(":")
+        if self.rollout_engine == "policy" or (module and attribute):
+            return []
+        message = (
+            f"got {self.rollout_engine!r}; use policy or module:factory (a function returning "
+            "an adapter.rollout.RolloutEngine)"
+        )
+        return [Problem("rollout_engine", message)]
 
     @rule("answer_pattern")
     def _answer_pattern_has_a_group(self) -> list[Problem]:

@@ -190,6 +190,12 @@ class TrainingWorkload(RecipeWorkload):
         "tensorboard": (TENSORBOARD_SWITCH,),
     }
 
+    def metric_lines(self) -> list[str]:
+        """Every objective's lines, and this recipe's per-name ones (GRPO's rewards)."""
+        from adapter.metrics import recipe_metric_names
+
+        return recipe_metric_names(self.recipe)
+
     @classmethod
     def parse(cls, data: Any) -> tuple[TrainingWorkload | None, Parsed]:
         rest = {k: v for k, v in data.items() if k != "kind"} if isinstance(data, dict) else data

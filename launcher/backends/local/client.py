@@ -75,7 +75,7 @@ def submit(job: Job, artifacts: Artifacts) -> dict[str, Any]:
             "ended_at": ended_at,
         }
     if exit_code != 0:
-        _tell(f"error: training exited with code {exit_code}; full log: {log_path}")
+        _tell(f"error: the job exited with code {exit_code}; full log: {log_path}")
     state = JobState.COMPLETED if exit_code == 0 else JobState.FAILED
     return {"state": state, "exit_code": exit_code, "ended_at": ended_at}
 
