@@ -100,7 +100,7 @@ EXTERNAL_SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "packing": _packing,
     "checkpoint": _checkpoint,
 }
-ORDER = ("launcher", "train", "dpo", "startup", "packing", "checkpoint", "gpu")
+ORDER = ("launcher", "train", "dpo", "grpo", "startup", "packing", "checkpoint", "gpu")
 
 
 def summarize(name: str, result: dict[str, Any]) -> list[Row]:
