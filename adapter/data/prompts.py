@@ -39,6 +39,8 @@ class PromptText:
 
 @dataclass
 class PromptStats:
+    """What reading and truncating the prompts did (for the data report)."""
+
     rows: int = 0
     skipped_rows: int = 0
     truncated_prompts: int = 0
