@@ -21,26 +21,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from accelerate import PartialState
-from lm_eval.models.huggingface import HFLM
 
-
-class CpuRanksHFLM(HFLM):
-    """HFLM whose processes on CPU are data-parallel ranks, as they are on GPUs."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        if kwargs.get("device") == "cpu":
-            # The state HFLM's Accelerator() then shares: MULTI_CPU with gloo under torchrun.
-            PartialState(cpu=True)
-        super().__init__(**kwargs)
-        accelerator = getattr(self, "accelerator", None)  # HFLM's, set for several processes
-        if accelerator is not None and self.world_size == 1:
-            self._rank = accelerator.local_process_index
-            self._world_size = accelerator.num_processes
-
-
-def data_parallel_lm(model_args: dict[str, Any], batch_size: int, device: str) -> CpuRanksHFLM:
+def data_parallel_lm(model_args: dict[str, Any], batch_size: int, device: str) -> Any:
     """The model lm-eval's ``simple_evaluate`` evaluates on every rank, made as it makes its
-    ``hf`` model from ``model_args`` and the batch size and device."""
+    ``hf`` model from ``model_args`` and the batch size and device (lm-eval and accelerate
+    are imported here: the training image has neither)."""
+    from accelerate import PartialState
+    from lm_eval.models.huggingface import HFLM
+
+    class CpuRanksHFLM(HFLM):
+        """HFLM whose processes on CPU are data-parallel ranks, as they are on GPUs."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            if kwargs.get("device") == "cpu":
+                # The state HFLM's Accelerator() then shares: MULTI_CPU with gloo under torchrun.
+                PartialState(cpu=True)
+            super().__init__(**kwargs)
+            accelerator = getattr(self, "accelerator", None)  # set for several processes
+            if accelerator is not None and self.world_size == 1:
+                self._rank = accelerator.local_process_index
+                self._world_size = accelerator.num_processes
+
     extra = {"batch_size": batch_size, "max_batch_size": None, "device": device}
     return CpuRanksHFLM.create_from_arg_obj(model_args, extra)

@@ -346,7 +346,9 @@ def test_prompt_template_is_checked_in_the_config() -> None:
         load(DataConfig, {"train_dir": "x", "prompt_template": "Q: "}, "recipe")
     with pytest.raises(ConfigError, match=r"prompt_template: 'Q: \{question\}' isn't a valid"):
         load(DataConfig, {"train_dir": "x", "prompt_template": "Q: {question}"}, "recipe")
-    with pytest.raises(ConfigError, match=r"prompt_template.*prompt_response and preference only"):
+    with pytest.raises(
+        ConfigError, match=r"prompt_template.*prompt_response, preference and prompt_answer only"
+    ):
         load(
             DataConfig,
             {"train_dir": "x", "dataset_type": "alpaca", "prompt_template": "{prompt}"},

@@ -54,6 +54,11 @@ def test_metric_names_are_every_objectives_lines_and_throughput() -> None:
         "Train metrics/train/RewardMargin",
         "Train metrics/train/RewardsChosen",
         "Train metrics/train/RewardsRejected",
+        "Train metrics/train/Reward",
+        "Train metrics/train/RewardStd",
+        "Train metrics/train/KL",
+        "Train metrics/train/CompletionLength",
+        "Train metrics/train/ClipRatio",
         "Eval metrics/eval/LanguageCrossEntropy",
         "Eval metrics/eval/LanguagePerplexity",
         "Eval metrics/eval/DPOLoss",
@@ -61,6 +66,8 @@ def test_metric_names_are_every_objectives_lines_and_throughput() -> None:
         "Eval metrics/eval/RewardMargin",
         "Eval metrics/eval/RewardsChosen",
         "Eval metrics/eval/RewardsRejected",
+        "Eval metrics/eval/Reward",
+        "Eval metrics/eval/CompletionLength",
         "Eval metrics/eval/ExactMatch",
         "Eval metrics/eval/ContainsAnswer",
         "Train metrics/throughput/TokensPerSecond",
@@ -88,8 +95,10 @@ def test_an_unknown_objective_is_a_validation_error_naming_the_known_ones() -> N
     assert error.value.problems[0].key == "model.objective"
     assert str(error.value.problems[0]) == (
         "model.objective: unknown objective 'stf' (did you mean `sft`?); known: dpo (direct "
-        "preference optimisation (sigmoid, ipo, hinge, simpo) on chosen/rejected pairs), sft "
-        "(supervised fine-tuning: cross-entropy on the response (or all text) tokens)"
+        "preference optimisation (sigmoid, ipo, hinge, simpo) on chosen/rejected pairs), grpo "
+        "(group relative policy optimisation: RL with verifiable rewards on sampled completions "
+        "of prompts), sft (supervised fine-tuning: cross-entropy on the response (or all text) "
+        "tokens)"
     )
 
 

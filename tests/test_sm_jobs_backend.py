@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from adapter.metrics import MetricsLogger, perplexity
+from adapter.objectives import OBJECTIVES
 from adapter.schema import ConfigError, parse
 from launcher.__main__ import main as launcher_cli
 from launcher.backends.sm_jobs import SmJobsBackend, SmJobsCluster
@@ -500,6 +501,9 @@ def test_metric_definitions_parse_adapter_lines(tmp_path: Path) -> None:
         "eval:ContainsAnswer": [0.75],
         **{f"{split}:{name}": [value] for name, value in DPO_METRICS.items() for split in SPLITS},
         "train:TokensPerSecond": [12345.6, 23.5],
+        # GRPO's lines (not printed here: its per-reward names come from a recipe).
+        **{f"train:{name}": [] for name in OBJECTIVES["grpo"].train_metrics},
+        **{f"eval:{name}": [] for name in OBJECTIVES["grpo"].eval_metrics},
     }
     for definition in metric_definitions():
         values = [

@@ -287,8 +287,8 @@ def test_data_rules_do_not_stop_at_the_first_problem() -> None:
     _, problems = parse(Recipe, {"trainer": {"max_steps": 1}, "model": {"data": data}})
     assert [str(p) for p in problems] == [
         "model.data.train_dir: is required (a file or directory), or set model.data.synthetic",
-        "model.data.prompt_template: applies to dataset_type=prompt_response and preference "
-        "only (this is alpaca, which has its own template); remove it",
+        "model.data.prompt_template: applies to dataset_type=prompt_response, preference and "
+        "prompt_answer only (this is alpaca, which has its own template); remove it",
         "model.hf_model_name_or_path: is required unless the architecture is given "
         "(num_hidden_layers, hidden_size, ...) for a random-init model",
     ]
