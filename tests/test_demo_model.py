@@ -63,7 +63,7 @@ def test_a_worker_waits_for_the_lock_a_bounded_time(tmp_path: Path) -> None:
 
 def test_the_export_is_copied_into_a_tests_own_results_dir(tmp_path: Path) -> None:
     """A copy: a test that writes into its own base dir leaves the shared run as it was."""
-    shared = tmp_path / "shared" / RUN_NAME
+    shared = tmp_path / "source" / RUN_NAME
     (shared / "hf_model").mkdir(parents=True)
     (shared / "hf_model" / "config.json").write_text('{"a": 1}')
     export = link_demo_export(tmp_path / "mine", shared)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.adapter_helpers import char_tokenizer, tiny_recipe
-from tests.conftest import read_metrics, run_main  # noqa: F401 (the demo test)
+from tests.conftest import run_main
 from tests.helpers_checkpoint import kill_group, start, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,29 +173,14 @@ def test_a_failing_user_reward_stops_every_rank_naming_the_function_and_row(
     assert re.match("RewardError: " + own, error) or re.match(peer + "RewardError: " + own, error)
 
 
-# --- the demo: SFT, then GRPO from its export, as a user runs them -----------------------
+# --- runs of the demo recipe from the SFT demo's export -------------------------------------
 QUIET = ("recipes.exp_manager.create_tensorboard_logger=false",)
-SUMMARY = re.compile(
-    r"greedy answers right on (\d+) held-out prompts: ([\d.]+)% before GRPO \(the initial "
-    r"model\), ([\d.]+)% after"
-)
 
 
 @pytest.fixture(scope="module")
-def demo_sft_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The SFT demo's export (300 steps)."""
-    results = tmp_path_factory.mktemp("demo") / "results"
-    run_main(
-        "recipes=tiny_llama_sft",
-        f"base_results_dir={results}",
-        "recipes.trainer.max_steps=300",
-        "recipes.trainer.val_check_interval=0",
-        "recipes.trainer.generation_eval_prompts=0",
-        "recipes.exp_manager.checkpoint_callback_params.every_n_train_steps=0",
-        *QUIET,
-        check=True,
-    )
-    return results / "tiny_llama_sft" / "hf_model"
+def demo_sft_export(demo_sft_run: Path) -> Path:
+    """The shared SFT demo's export (read only: the runs below only read it)."""
+    return demo_sft_run / "hf_model"
 
 
 # --- kill -9, then the same command ---------------------------------------------------------
