@@ -321,3 +321,26 @@ def tokenize_segments(segments: list[Segment], tokenizer: Any, add_eos: bool = T
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     return Sample(input_ids, labels)
+
+
+def guarded_row(
+    data: Any, stats: Any, place: str, row: Any, rows_are: str, make: Callable[[dict], Any]
+) -> Any | None:
+    """``make(row)`` for a JSON object row; else its problem as ``place: field ...
+    (<rows_are>)``, raised, or with ``model.data.skip_bad_rows`` counted in
+    ``stats.skipped_rows`` and None. Counts every row in ``stats.rows``."""
+    stats.rows += 1
+    try:
+        if isinstance(row, DataError):
+            raise row
+        if not isinstance(row, dict):
+            raise RowError(None, f"expected a JSON object, got {type(row).__name__}")
+        return make(row)
+    except DataError as exc:
+        problem = str(exc)
+    except RowError as exc:
+        problem = f"{place}: {exc} ({rows_are})"
+    if not data.skip_bad_rows:
+        raise DataError(f"{problem}; fix the row or set model.data.skip_bad_rows=true to skip it")
+    stats.skipped_rows += 1
+    return None

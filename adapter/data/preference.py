@@ -34,6 +34,7 @@ from adapter.data.formats import (
     RowError,
     Sample,
     data_files,
+    guarded_row,
     read_json_rows,
 )
 from adapter.data.loader import Batch, PackedAttention, pad_batch, padding_batch
@@ -146,21 +147,10 @@ def _guard(
     data: DataConfig, stats: PairStats, kind: str, place: str, row: Any, tokenizer: Any
 ) -> PairText | None:
     """The row's pair, or its problem as ``place: field ...`` (raised, or counted)."""
-    stats.rows += 1
-    try:
-        if isinstance(row, DataError):
-            raise row
-        if not isinstance(row, dict):
-            raise RowError(None, f"expected a JSON object, got {type(row).__name__}")
-        return FORMATTERS[kind](row, data, tokenizer)
-    except DataError as exc:
-        problem = str(exc)
-    except RowError as exc:
-        problem = f"{place}: {exc} (dataset_type={kind} rows have {PAIR_FIELDS[kind]})"
-    if not data.skip_bad_rows:
-        raise DataError(f"{problem}; fix the row or set model.data.skip_bad_rows=true to skip it")
-    stats.skipped_rows += 1
-    return None
+    rows_are = f"dataset_type={kind} rows have {PAIR_FIELDS[kind]}"
+    return guarded_row(
+        data, stats, place, row, rows_are, lambda r: FORMATTERS[kind](r, data, tokenizer)
+    )
 
 
 def _hold_out(pairs: list[PairText], fraction: float, seed: int) -> tuple[list, list]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from adapter.config import ModelConfig
 from adapter.data.config import MPT_PROMPT_TEMPLATE, DataConfig
-from adapter.data.formats import DataError, RowError, data_files, read_json_rows
+from adapter.data.formats import DataError, RowError, data_files, guarded_row, read_json_rows
 from adapter.data.synthetic import arithmetic_rows
 from adapter.rewards import parse_number, reference_answer
 
@@ -122,21 +122,15 @@ def _guard(
     data: DataConfig, stats: PromptStats, place: str, row: Any, tokenizer: Any, numeric: bool
 ) -> PromptText | None:
     """The row's prompt, or its problem as ``place: field ...`` (raised, or counted)."""
-    stats.rows += 1
-    try:
-        if isinstance(row, DataError):
-            raise row
-        if not isinstance(row, dict):
-            raise RowError(None, f"expected a JSON object, got {type(row).__name__}")
-        return prompt_answer_row(row, data, tokenizer, place, numeric)
-    except DataError as exc:
-        problem = str(exc)
-    except RowError as exc:
-        problem = f"{place}: {exc} (dataset_type=prompt_answer rows are {FIELDS})"
-    if not data.skip_bad_rows:
-        raise DataError(f"{problem}; fix the row or set model.data.skip_bad_rows=true to skip it")
-    stats.skipped_rows += 1
-    return None
+    rows_are = f"dataset_type=prompt_answer rows are {FIELDS}"
+    return guarded_row(
+        data,
+        stats,
+        place,
+        row,
+        rows_are,
+        lambda r: prompt_answer_row(r, data, tokenizer, place, numeric),
+    )
 
 
 def prompt_answer_row(
