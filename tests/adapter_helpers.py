@@ -227,6 +227,33 @@ def _worker(spec_file: str, out_file: str) -> None:
     finish_worker(results, out_file)
 
 
+def launch_cases(
+    worker: Path, cases: dict[str, dict[str, Any]], root: Path, ranks: int, timeout: int
+) -> dict[str, Any]:
+    """Run ``worker`` (a test file that is also a worker script: ``<spec> <out>``) on the
+    recipes ``cases``, each in its own run dir under ``root``; under torchrun for several
+    ranks, else one plain process. Rank 0's results (a case that failed: ``{"error": ...}``)."""
+    cases = copy.deepcopy(cases)
+    for name, recipe in cases.items():
+        recipe["exp_manager"]["exp_dir"] = str(root / f"{name}_{ranks}")
+    spec, out = root / f"cases_{ranks}.json", root / f"results_{ranks}.json"
+    spec.write_text(json.dumps(cases))
+    runner = [sys.executable]
+    if ranks > 1:
+        runner += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*runner, str(worker), str(spec), str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0 and out.is_file(), f"{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    return json.loads(out.read_text())
+
+
 def finish_worker(results: dict[str, Any], out_file: str) -> None:
     """Rank 0 writes the launch's ``results``; then every rank leaves the group together."""
     import torch.distributed as dist

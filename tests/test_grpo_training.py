@@ -11,18 +11,15 @@ train on the same rollouts; the ``policy`` case samples with the policy itself u
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.adapter_helpers import char_tokenizer, tiny_recipe
+from tests.adapter_helpers import char_tokenizer, finish_worker, launch_cases, tiny_recipe
 from tests.conftest import run_main
 from tests.helpers_checkpoint import kill_group, start, wait_for
 
@@ -78,26 +75,8 @@ def two_rank_cases(tokenizer: Path) -> dict[str, dict[str, Any]]:
 
 
 def launch(cases: dict[str, dict[str, Any]], root: Path, ranks: int) -> dict[str, Any]:
-    """Run the worker on ``cases`` (torchrun for 2 ranks); rank 0's results."""
-    cases = copy.deepcopy(cases)
-    for name, recipe in cases.items():
-        recipe["exp_manager"]["exp_dir"] = str(root / f"{name}_{ranks}")
-    spec, out = root / f"cases_{ranks}.json", root / f"results_{ranks}.json"
-    spec.write_text(json.dumps(cases))
-    runner = [sys.executable]
-    if ranks > 1:
-        runner += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*runner, str(Path(__file__).resolve()), str(spec), str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=LAUNCH_TIMEOUT_S,
-    )
-    assert done.returncode == 0 and out.is_file(), f"{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
-    return json.loads(out.read_text())
+    """Run this file's worker on ``cases`` (torchrun for 2 ranks); rank 0's results."""
+    return launch_cases(Path(__file__).resolve(), cases, root, ranks, LAUNCH_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -290,18 +269,13 @@ def _run_case(recipe_data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _worker(spec_file: str, out_file: str) -> None:
-    import torch.distributed as dist
-
     results: dict[str, Any] = {}
     for name, recipe in json.loads(Path(spec_file).read_text()).items():
         try:
             results[name] = _run_case(recipe)
         except Exception as exc:  # report every case, not only the first failure
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    if dist.get_rank() == 0:
-        Path(out_file).write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker(results, out_file)
 
 
 if __name__ == "__main__":
