@@ -236,7 +236,12 @@ def test_document_attention_gradients_equal_the_masked_path(family: str, arch: d
     expected, got = packed_gradients(masked, batch), packed_gradients(document, batch)
     assert got.keys() == expected.keys() and len(got) == len(list(masked.parameters()))
     for name, grad in got.items():
-        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        # fp32 sums in another order: an absolute error near the gradient's own rounding
+        # (4.1 * 2**-23 is 5e-7 for Gemma3's o_proj); a leak across documents is 1e-2 or more.
+        scale = float(expected[name].abs().max())
+        torch.testing.assert_close(
+            grad, expected[name], rtol=1e-5, atol=1e-6 * max(scale, 1.0), msg=name
+        )
 
 
 def test_document_attention_without_bounds_is_hf_sdpa() -> None:
@@ -305,4 +310,9 @@ def test_sink_attention_is_hfs_eager_gpt_oss_attention() -> None:
     assert len(sinks) == 2 and all(got[name].abs().sum() > 0 for name in sinks)
     assert got.keys() == expected.keys()
     for name, grad in got.items():
-        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        # fp32 sums in another order: an absolute error near the gradient's own rounding
+        # (4.1 * 2**-23 is 5e-7 for Gemma3's o_proj); a leak across documents is 1e-2 or more.
+        scale = float(expected[name].abs().max())
+        torch.testing.assert_close(
+            grad, expected[name], rtol=1e-5, atol=1e-6 * max(scale, 1.0), msg=name
+        )
