@@ -89,7 +89,7 @@ class Size:
 
 
 FULL = Size(
-    sft_steps=300,
+    sft_steps=1000,  # the SFT demo as shipped: rewards well above 0 from the start
     prompts=512,
     prompts_per_step=8,
     generations=8,
@@ -216,7 +216,7 @@ def adapter_command(size: Size, inputs: Inputs, results: Path, name: str) -> lis
         "recipes.model.data.dataset_type=prompt_answer",
         "recipes.model.data.synthetic=null",
         f"recipes.model.data.train_dir={inputs.prompts_file}",
-        f"recipes.model.data.prompt_template={TEMPLATE}",
+        f"recipes.model.data.prompt_template='{TEMPLATE}'",  # quoted: Hydra's grammar
         "recipes.model.data.val_split=0.0",
     ]
 
@@ -227,15 +227,16 @@ def parse_adapter(output: str, side: str, wall_s: float, peak: float | None) -> 
     if not totals:
         tail = "\n".join(output.splitlines()[-20:])
         raise RuntimeError(f"the adapter printed no 'grpo: rollouts ...' line:\n{tail}")
-    rollout_tokens, rollout_s, _, update_tokens, update_s, _ = totals[-1]
+    rollout_tokens, _, rollout_rate, update_tokens, _, update_rate = totals[-1]
     rewards = [float(x) for x in REWARD_LINE.findall(output)]
+    # The seconds from the rates: the printed seconds have one decimal (0.0 in a quick run).
     return GRPORun(
         side,
         wall_s,
         int(rollout_tokens),
-        float(rollout_s),
+        int(rollout_tokens) / float(rollout_rate),
         int(update_tokens),
-        float(update_s),
+        int(update_tokens) / float(update_rate),
         rewards,
         peak_rss_mb=peak,
     )

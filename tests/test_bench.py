@@ -49,6 +49,7 @@ EXPECTED_KEYS = {
     "train": {"parameters", "tokens_per_step", "by_ranks", "runs"},
     "dpo": {"parameters", "tokens_per_step", "pairs_per_step", "by_ranks", "runs"},
     "startup": {"first_step_s", "total_s", "ratio", "first_losses", "first_loss_max_abs_diff"},
+    "grpo": {"settings", "summary", "runs", "completions_per_step"},
     "gpu": {"format", "parts", "device", "kept_from_earlier"},
 }
 
@@ -88,6 +89,12 @@ def test_benchmark_writes_its_result(name: str, quick_results: Path) -> None:
         assert entry["adapter"]["peak_rss_mb"] > 100 and entry["trl_dpo"]["peak_rss_mb"] > 100
     if name == "startup":
         assert result["first_loss_max_abs_diff"] < 1e-4
+    if name == "grpo":  # both sides generated and trained: tokens counted, rates positive
+        summary = result["summary"]
+        for side in ("adapter", "trl_grpo"):
+            assert all(tokens > 0 for tokens in summary[side]["rollout_tokens"]), side
+            assert summary[side]["update_tokens_per_s"]["median"] > 0, side
+        assert summary["rollout_ratio"] > 0 and summary["update_ratio"] > 0
     if name == "gpu":  # on this CPU machine: every part skipped, nothing measured
         for part, record in result["parts"].items():
             assert record["status"] in ("skipped", "not_available"), part
@@ -97,13 +104,13 @@ def test_benchmark_writes_its_result(name: str, quick_results: Path) -> None:
 
 def test_readme_table_has_a_row_per_result(quick_results: Path) -> None:
     lines = table(quick_results).splitlines()
-    for prefix in ("launcher:", "train:", "dpo:", "start-up:", "GPU"):
+    for prefix in ("launcher:", "train:", "dpo:", "grpo:", "start-up:", "GPU"):
         assert any(line.startswith(f"| {prefix}") for line in lines), prefix
 
 
 def test_runner_discovers_every_benchmark() -> None:
     names = discover()
-    assert {"launcher", "train", "dpo", "startup", "gpu"} <= set(names)
+    assert {"launcher", "train", "dpo", "grpo", "startup", "gpu"} <= set(names)
     assert all(defines_run(n) for n in EXPECTED_KEYS)
     listed = subprocess.run(
         [sys.executable, "-m", "bench", "--list"], cwd=REPO, capture_output=True, text=True

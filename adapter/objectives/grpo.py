@@ -88,6 +88,8 @@ class Throughput:
 
     rollout_tokens: int = 0
     rollout_s: float = 0.0
+    """Time in the rollout engine's ``generate`` (decoding; scoring and the rollout batches'
+    tensors are in neither figure, as in TRL's ``_generate``)."""
     update_tokens: int = 0
     update_s: float = 0.0
     ready_at: float | None = None
@@ -172,12 +174,10 @@ class GRPO(Objective):
         if micro_indices is None:
             assert self.cached, "a step that reuses rollouts follows one that sampled them"
             return self._ready(self.cached)
-        start = time.monotonic()
         sampled = [self._sample([train[i] for i in indices]) for indices in micro_indices]
         batch_std = self._batch_std(sampled) if self.settings.scale_rewards == "batch" else None
         batches = [self._rollout_batch(model, part, batch_std) for part in sampled]
         self.cached = batches if self.updates_per_batch > 1 else []
-        done.rollout_s += time.monotonic() - start
         done.rollout_tokens += sum(len(c) for part in sampled for c in part.completions)
         return self._ready(batches)
 
@@ -201,7 +201,9 @@ class GRPO(Objective):
         group = self.settings.num_generations
         prompts = [example.prompt_ids for example in examples for _ in range(group)]
         rows = [example for example in examples for _ in range(group)]
+        start = time.monotonic()
         done = self._generate(prompts, sampling=True)
+        self.throughput.rollout_s += time.monotonic() - start
         completions = completion_ids(done, self.tokenizer.eos_token_id)
         return Sampled(examples, prompts, completions, self._score(rows, done))
 
