@@ -152,10 +152,10 @@ def test_adapters_off_is_the_frozen_copy_and_every_reference_trains_alike(
 
 
 # --- the demo: SFT, then DPO from its export, as a user runs them ------------------------
-DEMO_ACCURACY = 0.88
-"""The eval reward accuracy the DPO demo reaches at least from the suite's shared SFT demo
-(``demo_sft_run``: the shipped 1000 steps; the README's figure is 0.91). Measured 0.89-0.90
-from 300- or 500-step SFT models too: the bound holds for a shorter shared run as well."""
+DEMO_ACCURACY = 0.9
+"""The issue's bound on the DPO demo's final eval reward accuracy, from the suite's shared SFT
+demo (``demo_sft_run``: the shipped 1000 steps). Measured 0.919 (one thread or two: this tiny
+model's sums round alike); 250 steps reached only 0.896."""
 QUIET = ("recipes.exp_manager.create_tensorboard_logger=false",)
 ACCURACY = re.compile(
     r"greedy answers right on (\d+) held-out prompts: ([\d.]+)% before DPO \(the initial "
@@ -181,7 +181,7 @@ def test_the_demo_tunes_the_sft_model_on_its_own_mistakes(sft_export: Path) -> N
     done = run_main("recipes=tiny_llama_dpo", f"base_results_dir={sft_export}", *QUIET, check=True)
     run_dir = sft_export / "tiny_llama_dpo"
     evals = read_metrics(run_dir, "eval")
-    assert [row["step"] for row in evals] == [0, 125, 250]
+    assert [row["step"] for row in evals] == [0, 125, 250, 375]
     first, last = evals[0], evals[-1]
     assert (first["RewardAccuracy"], first["RewardMargin"]) == (0.0, 0.0)
     assert last["RewardAccuracy"] >= DEMO_ACCURACY, evals
