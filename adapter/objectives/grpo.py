@@ -170,7 +170,6 @@ class GRPO(Objective):
     def step_batches(
         self, model: nn.Module, micro_indices: list[list[int]] | None, train: Sequence[Any]
     ) -> list[RolloutBatch]:
-        done = self.throughput
         if micro_indices is None:
             assert self.cached, "a step that reuses rollouts follows one that sampled them"
             return self._ready(self.cached)
@@ -178,7 +177,6 @@ class GRPO(Objective):
         batch_std = self._batch_std(sampled) if self.settings.scale_rewards == "batch" else None
         batches = [self._rollout_batch(model, part, batch_std) for part in sampled]
         self.cached = batches if self.updates_per_batch > 1 else []
-        done.rollout_tokens += sum(len(c) for part in sampled for c in part.completions)
         return self._ready(batches)
 
     def _ready(self, batches: list[RolloutBatch]) -> list[RolloutBatch]:
@@ -205,6 +203,7 @@ class GRPO(Objective):
         done = self._generate(prompts, sampling=True)
         self.throughput.rollout_s += time.monotonic() - start
         completions = completion_ids(done, self.tokenizer.eos_token_id)
+        self.throughput.rollout_tokens += sum(map(len, completions))
         return Sampled(examples, prompts, completions, self._score(rows, done))
 
     def _generate(self, prompts: list[list[int]], sampling: bool) -> Completions:
